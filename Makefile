@@ -1,0 +1,29 @@
+# `make demo` runs the main job on the tiny default; `make test` runs the test suite.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint clean
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/kat train examples/tiny_pretrain/config.yaml --nproc 2
+
+lint: $(STAMP)
+	$(BIN)/ruff check kat_megatron tools tests benchmarks
+	$(BIN)/ruff format --check kat_megatron tools tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,400 @@
+"""Typed configuration for every `kat train` run: `kat train CONFIG.yaml [key=value ...]`.
+
+Each section is a dataclass whose fields carry a docstring-style comment; each validates its own
+fields in `__post_init__` (ValueError for user errors). Checks that need two sections (TP against
+attention heads, PP against layers, ...) live in `KatConfig.__post_init__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("pretrain", "kd", "sft", "rl")
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        key = f"{section}.{name}" if section else name
+        raise ValueError(f"{key}={value!r}: expected one of {list(allowed)}")
+
+
+def _positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int or value < (0 if allow_zero else 1):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{section}.{name}={value!r}: expected an integer {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. `preset` fills every field; fields given beside it override the preset."""
+
+    preset: str | None = "tiny-dense"
+    """Name of a preset in `kat_megatron.models.presets` (kat-v1-40b, kat-200b-a40b, tiny-*)."""
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """Key/value heads (GQA groups); equal to num_attention_heads for MHA."""
+    kv_channels: int | None = None
+    """Per-head dimension; None means hidden_size // num_attention_heads."""
+    ffn_hidden_size: int = 128
+    vocab_size: int = 512
+    """Tokenizer vocabulary; padded to `make_vocab_size_divisible_by * tp` for the embedding."""
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    rotary_base: float = 1_000_000.0
+    add_qkv_bias: bool = True
+    untie_embeddings_and_output_weights: bool = True
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-6
+    activation: str = "swiglu"
+    init_method_std: float = 0.02
+    # --- Mixture of experts (num_moe_experts=None means dense) ---
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    """Hidden size of each routed expert; None means ffn_hidden_size."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Total hidden size of the shared expert(s); None means no shared expert."""
+    moe_layer_freq: int = 1
+    """Every n-th layer is MoE (1 = all layers)."""
+    moe_first_k_dense: int = 0
+    """The first k layers stay dense (as DeepSeek-V3 and our 200B design)."""
+    moe_aux_loss_coeff: float = 1e-3
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_router_dtype: str | None = "fp32"
+    # --- Multi-token prediction ---
+    mtp_num_layers: int | None = None
+    """Number of MTP depths D (None or 0 disables MTP)."""
+    mtp_loss_scaling_factor: float = 0.1
+    # --- Kernels ---
+    backend: str = "auto"
+    """`te` (Transformer Engine), `local` (Megatron-Core torch layers) or `auto` (te if usable)."""
+    fp8: str | None = None
+    """None, `hybrid` or `e4m3` (needs backend te and CUDA)."""
+    fp8_recipe: str = "delayed"
+    """`delayed`, `tensorwise` or `blockwise`."""
+
+    def __post_init__(self) -> None:
+        s = "model"
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "ffn_hidden_size",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+            "max_position_embeddings",
+        ):
+            _positive(s, name, getattr(self, name))
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_query_groups={self.num_query_groups} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
+            )
+        _choice(s, "normalization", self.normalization, ("RMSNorm", "LayerNorm"))
+        _choice(s, "activation", self.activation, ("swiglu", "gelu"))
+        _choice(s, "backend", self.backend, ("auto", "te", "local"))
+        _choice(s, "fp8", self.fp8, (None, "hybrid", "e4m3"))
+        _choice(s, "fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "blockwise"))
+        _choice(
+            s,
+            "moe_router_load_balancing_type",
+            self.moe_router_load_balancing_type,
+            ("aux_loss", "seq_aux_loss", "none"),
+        )
+        _choice(
+            s,
+            "moe_token_dispatcher_type",
+            self.moe_token_dispatcher_type,
+            ("alltoall", "allgather"),
+        )
+        if self.num_moe_experts is not None:
+            _positive(s, "num_moe_experts", self.num_moe_experts)
+            if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+                raise ValueError(
+                    f"model.moe_router_topk={self.moe_router_topk} must be in "
+                    f"[1, model.num_moe_experts={self.num_moe_experts}]"
+                )
+            if self.moe_first_k_dense >= self.num_layers:
+                raise ValueError(
+                    f"model.moe_first_k_dense={self.moe_first_k_dense} leaves no MoE layer "
+                    f"(model.num_layers={self.num_layers})"
+                )
+        if self.mtp_num_layers is not None:
+            _positive(s, "mtp_num_layers", self.mtp_num_layers, allow_zero=True)
+        if self.fp8 is not None and self.backend == "local":
+            raise ValueError("model.fp8 needs Transformer Engine: set model.backend=te (or auto)")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Layout. world size = tp * pp * cp * dp; ep divides dp * cp (Megatron-Core's rule)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B."""
+    ep: int = 1
+    """Expert-parallel size (MoE)."""
+    etp: int | None = None
+    """Expert tensor-parallel size; None means the same as tp."""
+    cp: int = 1
+    """Context-parallel size (needs Transformer Engine attention)."""
+    sequence_parallel: bool | None = None
+    """None means on whenever tp > 1."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    overlap_grad_reduce: bool = False
+    dist_backend: str = "auto"
+    """`nccl`, `gloo` or `auto` (nccl with CUDA, gloo otherwise)."""
+
+    def __post_init__(self) -> None:
+        s = "parallel"
+        for name in ("tp", "pp", "ep", "cp"):
+            _positive(s, name, getattr(self, name))
+        if self.vpp is not None:
+            _positive(s, "vpp", self.vpp)
+            if self.pp == 1:
+                raise ValueError("parallel.vpp needs parallel.pp > 1")
+        if self.etp is not None:
+            _positive(s, "etp", self.etp)
+        _choice(s, "dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+    @property
+    def sp(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine (or constant/linear) decay."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    decay_steps: int | None = None
+    """Steps of decay after warmup ends; None means training.steps - warmup_steps."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr={self.lr}: expected > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr={self.min_lr}: expected in [0, optimizer.lr]")
+        _positive("optimizer", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _choice("optimizer", "decay_style", self.decay_style, ("cosine", "linear", "constant"))
+        if self.clip_grad < 0:
+            raise ValueError(f"optimizer.clip_grad={self.clip_grad}: expected >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    """Step budget and batch shape."""
+
+    steps: int = 20
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
+    """Samples per optimizer step over all data-parallel ranks (multiple of mbs * dp)."""
+    seed: int = 1234
+    precision: str = "auto"
+    """`bf16`, `fp16`, `fp32` or `auto` (bf16 on CUDA, fp32 on CPU)."""
+    eval_interval: int = 0
+    """Run validation every n steps (0 = never)."""
+    eval_iters: int = 2
+    deterministic: bool = True
+    """Deterministic algorithms on CPU (bitwise resume tests rely on it)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters"):
+            _positive("training", name, getattr(self, name))
+        _positive("training", "eval_interval", self.eval_interval, allow_zero=True)
+        _choice("training", "precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"training.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"training.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Training data: Megatron indexed datasets, JSONL preprocessed on first use, or mock."""
+
+    paths: list = field(default_factory=list)
+    """Megatron blend: [prefix, ...] or [weight, prefix, weight, prefix, ...]."""
+    jsonl: list = field(default_factory=list)
+    """JSONL files ({"text": ...} per line) tokenized into `cache_dir` on first use."""
+    tokenizer: str = "tiny"
+    """Hugging Face tokenizer directory, or `tiny` for the tokenizer shipped with the package."""
+    text_key: str = "text"
+    seq_length: int = 64
+    split: str = "98,2,0"
+    """Train/valid/test split weights of each dataset."""
+    cache_dir: str | None = None
+    """Where tokenized JSONL and dataset indices go; None means `<run.dir>/data_cache`."""
+    mock: bool = False
+    """Use Megatron-Core's MockGPTDataset (random tokens) instead of files."""
+
+    def __post_init__(self) -> None:
+        _positive("data", "seq_length", self.seq_length)
+        if len(self.paths) > 1 and len(self.paths) % 2:
+            raise ValueError(
+                "data.paths: a blend lists weight, prefix pairs; got an odd number of entries"
+            )
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ValueError(f"data.split={self.split!r}: expected three numbers like '98,2,0'")
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron distributed checkpoints (torch_dist) with optimizer, scheduler, RNG, data state."""
+
+    save_interval: int = 0
+    """Save every n steps (0 = only at the end)."""
+    save: bool = True
+    """Save a checkpoint at the end of training."""
+    dir: str | None = None
+    """None means `<run.dir>/checkpoints`."""
+    load: str | None = None
+    """Initialise weights from this checkpoint directory (model only)."""
+    resume: str = "auto"
+    """`auto` resumes from the latest complete checkpoint in `dir` if any, `none` starts fresh."""
+    keep_last: int = 0
+    """Keep only the newest n checkpoints (0 = keep all)."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", "save_interval", self.save_interval, allow_zero=True)
+        _positive("checkpoint", "keep_last", self.keep_last, allow_zero=True)
+        _choice("checkpoint", "resume", self.resume, ("auto", "none"))
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl (always), TensorBoard and wandb."""
+
+    interval: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "kat_megatron"
+    wandb_run_id: str | None = None
+    """Fixed wandb run id (resumed runs reuse the id stored in the run directory)."""
+
+    def __post_init__(self) -> None:
+        _positive("logging", "interval", self.interval)
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes (config, metrics.jsonl, checkpoints, logs)."""
+
+    name: str = "kat"
+    dir: str = "runs/kat"
+
+
+@dataclass
+class KatConfig:
+    """A whole run. `stage` picks the trainer; the other sections configure its parts."""
+
+    stage: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _choice("", "stage", self.stage, STAGES)
+        check_layout(self.model, self.parallel)
+        if self.data.seq_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+
+
+def check_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None = None) -> None:
+    """Raise ValueError (one line, saying what to change) if `par` cannot shard `model`."""
+    tp, pp, ep = par.tp, par.pp, par.ep
+    if model.num_attention_heads % tp:
+        raise ValueError(
+            f"parallel.tp={tp} does not divide model.num_attention_heads="
+            f"{model.num_attention_heads}; choose tp from {_divisors(model.num_attention_heads)}"
+        )
+    if model.num_query_groups % tp:
+        raise ValueError(
+            f"parallel.tp={tp} does not divide model.num_query_groups={model.num_query_groups} "
+            f"(KV groups); choose tp from {_divisors(model.num_query_groups)}"
+        )
+    if model.ffn_hidden_size % tp:
+        raise ValueError(
+            f"parallel.tp={tp} does not divide model.ffn_hidden_size={model.ffn_hidden_size}"
+        )
+    stages = pp * (par.vpp or 1)
+    if model.num_layers % stages:
+        what = f"parallel.pp={pp}" + (f" x parallel.vpp={par.vpp}" if par.vpp else "")
+        raise ValueError(
+            f"{what} does not divide model.num_layers={model.num_layers}; "
+            f"choose pp from {_divisors(model.num_layers)}"
+        )
+    if ep > 1 and not model.is_moe:
+        raise ValueError(f"parallel.ep={ep} needs an MoE model (model.num_moe_experts is unset)")
+    if model.is_moe and model.num_moe_experts % ep:
+        raise ValueError(
+            f"parallel.ep={ep} does not divide model.num_moe_experts={model.num_moe_experts}; "
+            f"choose ep from {_divisors(model.num_moe_experts)}"
+        )
+    if model.is_moe and tp > 1 and not par.sp:
+        raise ValueError("MoE with parallel.tp > 1 needs parallel.sequence_parallel=true")
+    if world_size is not None:
+        mp = par.model_parallel_size
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp={mp} "
+                f"(parallel.tp={tp}, parallel.pp={pp}, parallel.cp={par.cp})"
+            )
+        dp = world_size // mp
+        if (dp * par.cp) % ep:
+            raise ValueError(
+                f"parallel.ep={ep} must divide data-parallel x context-parallel size "
+                f"{dp * par.cp} (world size {world_size} / tp*pp={tp * pp})"
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

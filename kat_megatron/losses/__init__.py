@@ -1,0 +1,1 @@
+"""Pure loss functions: each returns `(loss, metrics)` with its reduction stated."""

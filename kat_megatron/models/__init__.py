@@ -1,0 +1,1 @@
+"""Model presets, layer specs and the Megatron-Core GPTModel builder."""

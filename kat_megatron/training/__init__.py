@@ -1,0 +1,1 @@
+"""Training loops, optimizer set-up, checkpointing and metrics."""

@@ -1,0 +1,215 @@
+"""Distributed checkpoints for `kat train` (`checkpoint.resume=auto`, `checkpoint.load=DIR`).
+
+Layout under `checkpoint.dir`:
+
+    iter_0000010/            Megatron-Core dist_checkpointing (torch_dist): model, optimizer,
+                             per-rank RNG; common state: scheduler, step, consumed samples
+    iter_0000010/kat_meta.json   written last: marks the checkpoint complete (step, config)
+    iter_0000020.tmp/        a save in progress (or one that crashed): never loaded
+    latest_checkpointed_iteration.txt   newest complete step (informational)
+
+A save writes into `iter_N.tmp/`, waits for every rank, writes `kat_meta.json`, then renames the
+directory to `iter_N` (an atomic rename on one filesystem). A crash at any point leaves the
+previous complete checkpoint as the newest one `--resume auto` finds. Loading reshards across
+TP/PP/EP layouts (model: always; optimizer: `fully_reshardable` distributed-optimizer format).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+log = logging.getLogger(__name__)
+
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+META_FILE = "kat_meta.json"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _ITER_RE.match(p.name)
+        if m and (p / META_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (None when there is none)."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's RNG states as a ShardedObject keyed by (pp, tp) rank, replicated over DP."""
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
+    pp_n = parallel_state.get_pipeline_model_parallel_world_size()
+    tp_n = parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state",
+        [state],
+        (pp_n, tp_n),
+        (pp, tp),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _set_rng_state(obj: list[dict]) -> None:
+    state = obj[0]
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_state(model: list) -> dict[str, Any]:
+    if len(model) == 1:
+        return {"model": model[0].sharded_state_dict(metadata=SHARDING_METADATA)}
+    return {
+        f"model{i}": chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+        for i, chunk in enumerate(model)
+    }
+
+
+def _merged_model_state(state: dict) -> dict:
+    merged: dict = {}
+    for key, value in state.items():
+        if key.startswith("model"):
+            merged.update(value)
+    return merged
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: list,
+    optimizer,
+    scheduler,
+    extra: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Save a complete checkpoint for `step` (all ranks call this). Returns its directory."""
+    final = checkpoint_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_rank0():
+        Path(root).mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    state = _model_state(model)
+    state["optimizer"] = optimizer.sharded_state_dict(
+        _merged_model_state(state), metadata=SHARDING_METADATA
+    )
+    state["rng_state"] = _rng_state()
+    state["scheduler"] = scheduler.state_dict()
+    state["kat"] = dict(extra, step=step)
+    dist_checkpointing.save(state, str(tmp), content_metadata=SHARDING_METADATA)
+    _fault_point("after_shards", step)
+    _barrier()
+    if _is_rank0():
+        atomic_write_text(tmp / META_FILE, json.dumps(dict(extra, step=step), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(Path(root) / LATEST_FILE, f"{step}\n")
+        if keep_last:
+            for _, old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: list,
+    optimizer=None,
+    scheduler=None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load `path` into `model` (and optimizer, scheduler, RNG when given). Returns kat extras."""
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a complete kat checkpoint (no {META_FILE})")
+    state = _model_state(model)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            _merged_model_state(state), is_loading=True, metadata=SHARDING_METADATA
+        )
+        state["rng_state"] = _rng_state()
+    loaded = dist_checkpointing.load(state, str(path))
+    for key, chunk in (
+        (("model", model[0]),)
+        if len(model) == 1
+        else ((f"model{i}", c) for i, c in enumerate(model))
+    ):
+        chunk.load_state_dict(loaded[key], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _set_rng_state(loaded["rng_state"])
+        if scheduler is not None:
+            scheduler.load_state_dict(loaded["scheduler"])
+    return dict(loaded.get("kat", {}))
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: `KAT_FAULT_INJECT=after_shards:STEP` kills the process at that point."""
+    spec = os.environ.get("KAT_FAULT_INJECT")
+    if spec and spec == f"{name}:{step}":
+        log.error("KAT_FAULT_INJECT: dying at %s of step %d", name, step)
+        os._exit(17)

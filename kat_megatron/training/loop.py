@@ -1,0 +1,241 @@
+"""The pretraining loop: `kat train examples/tiny_pretrain/config.yaml [key=value ...] [--nproc N]`.
+
+Build (process groups, model chunks, DDP, optimizer, scheduler, data) -> resume -> for each step:
+run Megatron-Core's forward-backward schedule over the step's micro-batches, optimizer step,
+scheduler step, metrics, periodic checkpoint. A SIGTERM/SIGUSR1 (SLURM's pre-timeout signal)
+finishes the current step, saves a checkpoint and exits with `EXIT_PREEMPTED`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from kat_megatron.config import KatConfig, config_to_dict, dump_config, format_config
+from kat_megatron.losses.lm import masked_token_loss
+from kat_megatron.models.builder import build_model, transformer_config
+from kat_megatron.parallel.init import initialize
+from kat_megatron.training import checkpointing as ckpt
+from kat_megatron.training.batches import step_batches
+from kat_megatron.training.metrics import MetricsLogger
+from kat_megatron.training.optimizer import build_optimizer, wrap_ddp
+
+log = logging.getLogger("kat")
+EXIT_PREEMPTED = 42
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides weights and optimizer."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) after each step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. in some test harnesses)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: will checkpoint after this step and exit", signum)
+        self.raised = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def forward_step(data_iterator, model, stage_fn=masked_token_loss):
+    """Megatron-Core forward step: run one micro-batch, return (output, loss function)."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(stage_fn, loss_mask_bs=batch["loss_mask"])
+
+
+def reduce_loss(losses: list[dict[str, torch.Tensor]]) -> float:
+    """Token-mean LM loss of the global batch, known on every rank."""
+    total = torch.zeros(2)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    if last and parallel_state.get_tensor_model_parallel_rank() == 0 and losses:
+        for item in losses:
+            total += item["lm_loss"].detach().float().cpu()
+    if dist.is_initialized():
+        total = total.to("cuda") if torch.cuda.is_available() else total
+        dist.all_reduce(total)
+    total = total.cpu()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+class Trainer:
+    """Owns one run: `Trainer(cfg).run()` returns the list of per-step metrics dicts."""
+
+    def __init__(self, cfg: KatConfig, datasets=None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.dp = initialize(cfg.parallel, cfg.training.seed, cfg.model)
+        self.rank = dist.get_rank()
+        tcfg = transformer_config(
+            cfg.model, cfg.parallel, cfg.training.precision, calculate_per_token_loss=True
+        )
+        chunks = build_model(cfg.model, cfg.parallel, cfg.training.precision, config=tcfg)
+        self.model = wrap_ddp(cfg, chunks)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.datasets = datasets if datasets is not None else self._build_data()
+        self.state = TrainState()
+        self.stop = _StopFlag()
+
+    def _build_data(self):
+        """Megatron GPT datasets sized for the whole run (data repeats to reach the count)."""
+        from kat_megatron.data.gpt_data import build_gpt_datasets
+
+        cfg, t = self.cfg, self.cfg.training
+        evals = t.steps // t.eval_interval + 1 if t.eval_interval else 1
+        num_samples = (
+            t.steps * t.global_batch_size,
+            evals * t.eval_iters * t.global_batch_size,
+            t.global_batch_size,
+        )
+        cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
+        return build_gpt_datasets(
+            cfg.data,
+            cfg.data.seq_length,
+            t.seed,
+            num_samples,
+            cache_dir=cache,
+            create_attention_mask=False,
+        )
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume == "auto" else None
+        if latest is not None:
+            extra = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
+            self.state.step = int(extra["step"])
+            self.state.consumed_samples = int(extra["consumed_samples"])
+            log.info("resumed from %s (step %d)", latest, self.state.step)
+        elif cfg.checkpoint.load:
+            ckpt.load_checkpoint(cfg.checkpoint.load, self.model)
+            self.optimizer.reload_model_params()
+            log.info("initialised weights from %s", cfg.checkpoint.load)
+
+    def _save(self) -> None:
+        extra = {
+            "consumed_samples": self.state.consumed_samples,
+            "config": config_to_dict(self.cfg),
+        }
+        ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.state.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            extra,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.training
+        dp_rank = parallel_state.get_data_parallel_rank()
+        n_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
+        iters = [
+            step_batches(
+                self.datasets[0],
+                self.state.consumed_samples,
+                t.global_batch_size,
+                t.micro_batch_size,
+                dp_rank,
+                self.dp,
+            )
+            for _ in self.model
+        ]
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.model,
+            num_microbatches=n_micro,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            decoder_seq_length=cfg.data.seq_length,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        loss = reduce_loss(losses)
+        elapsed = time.perf_counter() - start
+        self.state.step += 1
+        self.state.consumed_samples += t.global_batch_size
+        return {
+            "step": self.state.step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "skipped": not ok,
+            "step_time_s": elapsed,
+            "tokens_per_s": t.global_batch_size * cfg.data.seq_length / elapsed,
+            "consumed_samples": self.state.consumed_samples,
+        }
+
+    def run(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        writer = self.rank == 0
+        if writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+            log.info("resolved config:\n%s", format_config(cfg))
+        self._resume()
+        metrics = MetricsLogger(cfg, self.run_dir, self.state.step, writer)
+        interval = cfg.checkpoint.save_interval
+        preempted = False
+        try:
+            while self.state.step < cfg.training.steps:
+                m = self.train_step()
+                self.state.history.append(m)
+                if m["step"] % cfg.logging.interval == 0 or m["step"] == cfg.training.steps:
+                    metrics.log(m)
+                if self.stop.any_rank():
+                    preempted = True
+                    break
+                if interval and self.state.step % interval == 0:
+                    self._save()
+            if cfg.checkpoint.save or preempted:
+                if ckpt.latest_checkpoint(self.ckpt_root) != ckpt.checkpoint_dir(
+                    self.ckpt_root, self.state.step
+                ):
+                    self._save()
+        finally:
+            metrics.close()
+        if preempted:
+            raise SystemExit(EXIT_PREEMPTED)
+        return self.state.history

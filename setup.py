@@ -1,0 +1,32 @@
+"""Install: `pip install -e .[dev]` (CPU) or `pip install -e .[gpu]` (adds Transformer Engine)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kat_megatron",
+    version="0.1.0",
+    description="Training stack for AutoThink (KAT-V1 style) reasoning models on Megatron-Core",
+    python_requires=">=3.10,<3.12",
+    packages=find_packages(include=["kat_megatron", "kat_megatron.*"]),
+    package_data={"kat_megatron": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml",
+        "psutil",
+        "tqdm",
+        "einops",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "tensorboard",
+        "wandb",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
+    },
+    entry_points={"console_scripts": ["kat=kat_megatron.cli:main"]},
+)
