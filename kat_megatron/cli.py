@@ -23,36 +23,32 @@ def _under_launcher() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from kat_megatron.config import load_config
+    from kat_megatron.models.builder import resolve_backend
+    from kat_megatron.utils.logging import setup_logging
+
+    if args.resume is not None:
+        args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
+    # Validate before starting ranks: a bad key or an impossible backend fails once, early.
+    cfg = load_config(args.config, args.overrides)
+    resolve_backend(cfg.model)
+    if cfg.stage != "pretrain":
+        raise ValueError(f"{args.config}: stage {cfg.stage!r} is not available yet (pretrain is)")
     if args.nproc > 1 and not _under_launcher():
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(args.nproc),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "kat_megatron.cli",
-            "train",
-            args.config,
-            *args.overrides,
-        ]
+            sys.executable, "-m", "torch.distributed.run",
+            "--nproc-per-node", str(args.nproc),
+            "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()),
+            "-m", "kat_megatron.cli", "train", args.config, *args.overrides,
+        ]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         return subprocess.call(cmd, env=env)
 
-    from kat_megatron.config import load_config
-    from kat_megatron.utils.logging import setup_logging
-
-    setup_logging()
-    cfg = load_config(args.config, args.overrides)
-    if cfg.stage != "pretrain":
-        raise SystemExit(f"{args.config}: stage {cfg.stage!r} is not available yet (pretrain is)")
     from kat_megatron.parallel.init import shutdown
     from kat_megatron.training.loop import Trainer
 
+    setup_logging()
     try:
         Trainer(cfg).run()
     finally:
@@ -84,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config (see examples/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides key=value")
     t.add_argument("--nproc", type=int, default=1, help="local ranks to start (default 1)")
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|none|DIR",
+        help="auto: newest complete checkpoint of the run (the default); none: start fresh; "
+        "DIR: that checkpoint (same as checkpoint.resume=...)",
+    )
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("model", help="model utilities")

@@ -224,6 +224,7 @@ class TrainingConfig:
     """Step budget and batch shape."""
 
     steps: int = 20
+    """Optimizer steps; 0 builds the model, saves its initial checkpoint and exits."""
     micro_batch_size: int = 2
     global_batch_size: int = 4
     """Samples per optimizer step over all data-parallel ranks (multiple of mbs * dp)."""
@@ -233,13 +234,15 @@ class TrainingConfig:
     eval_interval: int = 0
     """Run validation every n steps (0 = never)."""
     eval_iters: int = 2
-    deterministic: bool = True
-    """Deterministic algorithms on CPU (bitwise resume tests rely on it)."""
+    exit_interval: int = 0
+    """Save a checkpoint and exit after a step divisible by this (0 = run to the end)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters"):
+        for name in ("micro_batch_size", "global_batch_size", "eval_iters"):
             _positive("training", name, getattr(self, name))
+        _positive("training", "steps", self.steps, allow_zero=True)
         _positive("training", "eval_interval", self.eval_interval, allow_zero=True)
+        _positive("training", "exit_interval", self.exit_interval, allow_zero=True)
         _choice("training", "precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
@@ -291,14 +294,18 @@ class CheckpointConfig:
     load: str | None = None
     """Initialise weights from this checkpoint directory (model only)."""
     resume: str = "auto"
-    """`auto` resumes from the latest complete checkpoint in `dir` if any, `none` starts fresh."""
+    """`auto`: the latest complete checkpoint in `dir` if any; `none`: start fresh; or the path
+    of one checkpoint directory (`.../iter_0000010`) to resume from (weights, optimizer, data)."""
     keep_last: int = 0
     """Keep only the newest n checkpoints (0 = keep all)."""
 
     def __post_init__(self) -> None:
         _positive("checkpoint", "save_interval", self.save_interval, allow_zero=True)
         _positive("checkpoint", "keep_last", self.keep_last, allow_zero=True)
-        _choice("checkpoint", "resume", self.resume, ("auto", "none"))
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(
+                f"checkpoint.resume={self.resume!r}: expected auto, none or a checkpoint directory"
+            )
 
 
 @dataclass
@@ -386,7 +393,8 @@ def check_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None
         if world_size % mp:
             raise ValueError(
                 f"world size {world_size} is not divisible by tp*pp*cp={mp} "
-                f"(parallel.tp={tp}, parallel.pp={pp}, parallel.cp={par.cp})"
+                f"(parallel.tp={tp}, parallel.pp={pp}, parallel.cp={par.cp}); start a multiple "
+                f"of {mp} ranks (e.g. --nproc {mp}) or shrink the layout"
             )
         dp = world_size // mp
         if (dp * par.cp) % ep:

@@ -135,6 +135,13 @@ def transformer_config(
     if model.fp8 is not None:
         kw.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
     kw.update(overrides)
+    if model.is_moe and kw.get("calculate_per_token_loss") and parallel.sp:
+        # Megatron-Core 0.16.1 (moe/router.py) scales the per-token aux loss by the *local*
+        # token count, which under sequence (and context) parallelism is 1/(tp*cp) of the
+        # micro-batch that finalize_model_grads divides by: the load-balancing gradient would
+        # shrink with the layout. Compensate so the coefficient means the same at any TP/CP
+        # (tests/training/test_parity.py checks tiny-moe TP=2 against TP=1).
+        kw["moe_aux_loss_coeff"] = model.moe_aux_loss_coeff * parallel.tp * parallel.cp
     return TransformerConfig(**kw)
 
 

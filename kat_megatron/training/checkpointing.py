@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +118,16 @@ def _set_rng_state(obj: list[dict]) -> None:
 
 
 def _model_state(model: list) -> dict[str, Any]:
-    if len(model) == 1:
-        return {"model": model[0].sharded_state_dict(metadata=SHARDING_METADATA)}
-    return {
-        f"model{i}": chunk.sharded_state_dict(metadata=SHARDING_METADATA)
-        for i, chunk in enumerate(model)
-    }
+    """Sharded state of the bare GPTModel chunks (DDP wrapping does not change the keys)."""
+    states = [unwrap_model(c).sharded_state_dict(metadata=SHARDING_METADATA) for c in model]
+    if len(states) == 1:
+        return {"model": states[0]}
+    return {f"model{i}": s for i, s in enumerate(states)}
 
 
 def _merged_model_state(state: dict) -> dict:
-    merged: dict = {}
-    for key, value in state.items():
-        if key.startswith("model"):
-            merged.update(value)
-    return merged
+    """The model part of `state`, nested per chunk (the optimizer walks it for parameters)."""
+    return {key: value for key, value in state.items() if key.startswith("model")}
 
 
 def save_checkpoint(
@@ -151,18 +148,22 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    # Before the first optimizer step Adam has no state to save: such a checkpoint (step 0,
+    # the initial weights) holds the model only.
+    extra = dict(extra, step=step, has_optimizer=step > 0)
     state = _model_state(model)
-    state["optimizer"] = optimizer.sharded_state_dict(
-        _merged_model_state(state), metadata=SHARDING_METADATA
-    )
+    if extra["has_optimizer"]:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            _merged_model_state(state), metadata=SHARDING_METADATA
+        )
+        state["scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_state()
-    state["scheduler"] = scheduler.state_dict()
-    state["kat"] = dict(extra, step=step)
+    state["kat"] = extra
     dist_checkpointing.save(state, str(tmp), content_metadata=SHARDING_METADATA)
     _fault_point("after_shards", step)
     _barrier()
     if _is_rank0():
-        atomic_write_text(tmp / META_FILE, json.dumps(dict(extra, step=step), indent=2))
+        atomic_write_text(tmp / META_FILE, json.dumps(extra, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -186,11 +187,14 @@ def load_checkpoint(
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete kat checkpoint (no {META_FILE})")
+    meta = json.loads((path / META_FILE).read_text())
+    with_optimizer = optimizer is not None and meta.get("has_optimizer", True)
     state = _model_state(model)
-    if optimizer is not None:
+    if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
             _merged_model_state(state), is_loading=True, metadata=SHARDING_METADATA
         )
+    if optimizer is not None:
         state["rng_state"] = _rng_state()
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in (
@@ -198,12 +202,15 @@ def load_checkpoint(
         if len(model) == 1
         else ((f"model{i}", c) for i, c in enumerate(model))
     ):
-        chunk.load_state_dict(loaded[key], strict=strict)
-    if optimizer is not None:
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
+    if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
-        _set_rng_state(loaded["rng_state"])
         if scheduler is not None:
             scheduler.load_state_dict(loaded["scheduler"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # fp32 main params follow the loaded weights
+    if optimizer is not None:
+        _set_rng_state(loaded["rng_state"])
     return dict(loaded.get("kat", {}))
 
 
@@ -213,3 +220,19 @@ def _fault_point(name: str, step: int) -> None:
     if spec and spec == f"{name}:{step}":
         log.error("KAT_FAULT_INJECT: dying at %s of step %d", name, step)
         os._exit(17)
+
+
+def read_checkpoint_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """All tensors of a torch_dist checkpoint whose key starts with `prefix`, as full tensors.
+
+    Runs without torch.distributed (single process); for inspection and tests, not for training.
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "state.pt"
+        dcp_to_torch_save(str(path), str(out))
+        state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if k.startswith(prefix) and torch.is_tensor(v)}

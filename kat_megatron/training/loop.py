@@ -134,7 +134,13 @@ class Trainer:
 
     def _resume(self) -> None:
         cfg = self.cfg
-        latest = ckpt.latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume == "auto" else None
+        resume = cfg.checkpoint.resume
+        if resume == "auto":
+            latest = ckpt.latest_checkpoint(self.ckpt_root)
+        elif resume == "none":
+            latest = None
+        else:
+            latest = Path(resume)
         if latest is not None:
             extra = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
             self.state.step = int(extra["step"])
@@ -189,6 +195,7 @@ class Trainer:
             decoder_seq_length=cfg.data.seq_length,
             forward_only=False,
         )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -199,7 +206,7 @@ class Trainer:
         return {
             "step": self.state.step,
             "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "skipped": not ok,
             "step_time_s": elapsed,
@@ -229,7 +236,13 @@ class Trainer:
                     break
                 if interval and self.state.step % interval == 0:
                     self._save()
-            if cfg.checkpoint.save or preempted:
+                exit_every = cfg.training.exit_interval
+                if exit_every and self.state.step % exit_every == 0:
+                    log.info(
+                        "training.exit_interval=%d reached at step %d", exit_every, self.state.step
+                    )
+                    break
+            if cfg.checkpoint.save or preempted or cfg.training.exit_interval:
                 if ckpt.latest_checkpoint(self.ckpt_root) != ckpt.checkpoint_dir(
                     self.ckpt_root, self.state.step
                 ):

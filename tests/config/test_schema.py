@@ -86,6 +86,7 @@ def test_world_size_must_be_divisible_by_model_parallel_size():
     msg = _layout_error(ModelConfig(), ParallelConfig(tp=2, pp=2), world_size=6)
     assert msg == (
         "world size 6 is not divisible by tp*pp*cp=4 (parallel.tp=2, parallel.pp=2, parallel.cp=1)"
+        "; start a multiple of 4 ranks (e.g. --nproc 4) or shrink the layout"
     )
 
 
@@ -127,7 +128,7 @@ def test_section_checks_name_the_key():
 
 
 def test_non_integer_sizes_are_value_errors():
-    with pytest.raises(ValueError, match=r"^training.steps='10': expected an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^training.steps='10': expected an integer >= 0"):
         TrainingConfig(steps="10")
     with pytest.raises(ValueError, match=r"^parallel.tp=True: expected an integer >= 1"):
         ParallelConfig(tp=True)
