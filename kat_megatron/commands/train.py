@@ -1,0 +1,83 @@
+"""`kat train CONFIG.yaml [key=value ...] [--nproc N] [--resume auto|none|DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_launcher() -> bool:
+    """True inside torchrun or an `srun` task that has a rendezvous address."""
+    return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ)
+
+
+def launch_local(nproc: int, module_args: list[str]) -> int:
+    """Re-run `python -m kat_megatron.cli MODULE_ARGS` on `nproc` local ranks via torchrun."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()),
+        "-m", "kat_megatron.cli", *module_args,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kat_megatron.config import load_config
+    from kat_megatron.models.builder import resolve_backend
+    from kat_megatron.utils.logging import setup_logging
+
+    if args.resume is not None:
+        args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
+    # Validate before starting ranks: a bad key or an impossible backend fails once, early.
+    cfg = load_config(args.config, args.overrides)
+    resolve_backend(cfg.model)
+    if cfg.stage != "pretrain":
+        raise ValueError(f"{args.config}: stage {cfg.stage!r} is not available yet (pretrain is)")
+    if args.nproc > 1 and not under_launcher():
+        return launch_local(args.nproc, ["train", args.config, *args.overrides])
+
+    from kat_megatron.parallel.init import shutdown
+    from kat_megatron.training.loop import Trainer
+
+    setup_logging()
+    try:
+        Trainer(cfg).run()
+    finally:
+        shutdown()
+    return 0
+
+
+def register(sub) -> None:
+    t = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description=(
+            "Train from CONFIG.yaml. Overrides are dotted keys, e.g. optimizer.lr=3e-4 "
+            "parallel.tp=2. With --nproc N, starts N local ranks through torchrun; under "
+            "torchrun or SLURM it joins the ranks it finds. Writes config.yaml, metrics.jsonl "
+            "and checkpoints/ into run.dir; checkpoint.resume=auto (default) resumes."
+        ),
+    )
+    t.add_argument("config", help="YAML config (see examples/)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    t.add_argument("--nproc", type=int, default=1, help="local ranks to start (default 1)")
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|none|DIR",
+        help="auto: newest complete checkpoint of the run (the default); none: start fresh; "
+        "DIR: that checkpoint (same as checkpoint.resume=...)",
+    )
+    t.set_defaults(func=run)
