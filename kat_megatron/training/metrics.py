@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def _init_wandb(cfg: KatConfig, run_dir: Path):
 
     id_file = run_dir / "wandb_id.txt"
     run_id = cfg.logging.wandb_run_id or (id_file.read_text().strip() if id_file.exists() else None)
-    run_id = run_id or wandb.util.generate_id()
+    run_id = run_id or uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
     from kat_megatron.config import config_to_dict
 
