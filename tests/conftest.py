@@ -37,9 +37,12 @@ def run_kat(
         cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
+        errors = [x for x in proc.stderr.splitlines() if "Error" in x or "error:" in x][:20]
         raise AssertionError(
-            f"kat {' '.join(args)} exited {proc.returncode}\n--- stderr tail ---\n"
-            + proc.stderr[-4000:]
+            f"kat {' '.join(args)} exited {proc.returncode}\n--- error lines ---\n"
+            + "\n".join(errors)
+            + "\n--- stderr tail ---\n"
+            + proc.stderr[-3000:]
         )
     return proc
 

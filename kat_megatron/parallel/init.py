@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from kat_megatron.config.schema import ParallelConfig, check_layout
+from kat_megatron.parallel import mcore_compat
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def init_process_group(parallel: ParallelConfig, timeout_s: int = 600) -> tuple[
 def initialize(parallel: ParallelConfig, seed: int, model=None) -> int:
     """Process group + Megatron-Core model-parallel groups + seeds. Returns the DP size."""
     _, world = init_process_group(parallel)
+    mcore_compat.apply()
     if model is not None:
         check_layout(model, parallel, world_size=world)
     if parallel_state.model_parallel_is_initialized():

@@ -191,6 +191,7 @@ def load_checkpoint(
     with_optimizer = optimizer is not None and meta.get("has_optimizer", True)
     state = _model_state(model)
     if with_optimizer:
+        _init_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             _merged_model_state(state), is_loading=True, metadata=SHARDING_METADATA
         )
@@ -212,6 +213,25 @@ def load_checkpoint(
     if optimizer is not None:
         _set_rng_state(loaded["rng_state"])
     return dict(loaded.get("kat", {}))
+
+
+def _init_adam_state(optimizer) -> None:
+    """Give every parameter a zero Adam state (exp_avg, exp_avg_sq, step) before a load.
+
+    Megatron-Core's optimizers build their sharded state dict from the live state, which torch's
+    Adam creates lazily at the first step; its own `init_state_fn` omits `step`, which the
+    distributed optimizer's `state_dict()` requires without Apex/TE. The values are overwritten
+    by the load.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in chained:
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                st.setdefault("exp_avg", torch.zeros_like(p.data))
+                st.setdefault("exp_avg_sq", torch.zeros_like(p.data))
+                st.setdefault("step", torch.tensor(0.0))
 
 
 def _fault_point(name: str, step: int) -> None:

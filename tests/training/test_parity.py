@@ -25,6 +25,8 @@ import yaml
 
 from kat_megatron.training.checkpointing import latest_checkpoint
 
+pytestmark = pytest.mark.timeout(1800)  # the module fixture runs ~20 trainings
+
 STEPS = 10
 REL_TOL = 1e-5
 

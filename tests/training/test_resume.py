@@ -23,6 +23,8 @@ from kat_megatron.training.checkpointing import (
     read_checkpoint_tensors,
 )
 
+pytestmark = pytest.mark.timeout(1200)  # several multi-rank trainings per test
+
 
 def write_config(root: Path, corpus: Path) -> Path:
     cfg = {
