@@ -23,6 +23,10 @@ setup(
         "safetensors",
         "tensorboard",
         "wandb",
+        "httpx",
+        "jinja2",
+        "datasets",
+        "math-verify[antlr4_13_2]",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -81,11 +81,14 @@ def synthetic_documents(n_docs: int, seed: int = 0) -> list[str]:
 def build_tiny_tokenizer(output_dir: str | Path, n_docs: int = 4000, seed: int = 1234) -> Path:
     """Train the tiny byte-level BPE on `synthetic_documents` and save it as a HF directory.
 
-    Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json; the result is
-    byte-identical from run to run (the trainer and the corpus are deterministic).
+    Writes tokenizer.json, tokenizer_config.json (with the AutoThink chat template) and
+    special_tokens_map.json; the result is byte-identical from run to run (the trainer and the
+    corpus are deterministic).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from kat_megatron.data.chat_template import CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -114,6 +117,7 @@ def build_tiny_tokenizer(output_dir: str | Path, n_docs: int = 4000, seed: int =
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE  # AutoThink, see kat_megatron/data/chat_template.py
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     # transformers v5 no longer writes special_tokens_map.json; older versions read it.
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

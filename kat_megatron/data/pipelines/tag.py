@@ -1,0 +1,201 @@
+"""`kat data tag CONFIG.yaml [key=value ...]`: label each query think-on or think-off.
+
+For every query, sample `samples_per_mode` answers in each forced mode, verify them against the
+reference, and compare the pass rates (KAT_NOTES "Cold start", our reconstruction):
+
+    think_off  if  p_off - p_on + margin + judge_weight * v >= 0  else  think_on
+
+where v is the optional LLM-judge vote (+1 think-off, -1 think-on, 0 none/unparsed); without a
+judge this is "p_off >= p_on - margin", ties going to think-off, the cheaper mode. Forced modes
+are sampled either from two teachers (`sampling: teacher`: `think_on` is a reasoning model such as
+DeepSeek-R1, `think_off` a direct one such as DeepSeek-V3 with a no-reasoning system prompt) or
+from an AutoThink model through `/completions` with the mode prefilled (`sampling: prefill`,
+system prompts ignored). Rows keep the votes, pass rates, judge vote and sample lengths.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kat_megatron.data.autothink import (
+    ANSWER_OPEN,
+    GENERATION_PREFIX,
+    JUDGE_CLOSE,
+    MODE_TOKENS,
+    MODES,
+    THINK_OPEN,
+    parse_lenient,
+)
+from kat_megatron.data.chat_template import render_chat
+from kat_megatron.data.pipelines import prompts
+from kat_megatron.data.pipelines.config import PipelineConfig, RoleConfig
+from kat_megatron.data.pipelines.io import InputRecord
+from kat_megatron.data.pipelines.runner import Outcome, PipelineContext, run_pipeline
+
+
+def _think_on_role() -> RoleConfig:
+    return RoleConfig(model="deepseek-r1", temperature=0.6, max_tokens=16384)
+
+
+def _think_off_role() -> RoleConfig:
+    return RoleConfig(model="deepseek-v3", system_prompt=prompts.THINK_OFF_SYSTEM)
+
+
+@dataclass
+class TagConfig(PipelineConfig):
+    """`kat data tag`: forced-mode sampling, verification and the mode decision."""
+
+    samples_per_mode: int = 4
+    """N answers sampled in each forced mode."""
+    margin: float = 0.0
+    """delta: think-off wins while p_off >= p_on - margin."""
+    sampling: str = "teacher"
+    """How forced modes are sampled: a key of `SAMPLERS` (teacher, prefill)."""
+    think_on: RoleConfig = field(default_factory=_think_on_role)
+    think_off: RoleConfig = field(default_factory=_think_off_role)
+    judge: RoleConfig | None = None
+    """Optional LLM judge asked THINK_ON/THINK_OFF; its vote weighs `judge_weight`."""
+    judge_weight: float = 0.25
+    prefill_judge: str = "I will decide how to answer this query."
+    """Judge text written before the forced mode token (sampling=prefill)."""
+    answer_hints: bool = True
+    """Append the verifier's answer-format hint (prompts.ANSWER_HINTS) to sampled queries."""
+    drop_unsolved: bool = False
+    """Reject queries that no sample answered correctly (kept and flagged `unsolved` if false)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.samples_per_mode < 1:
+            raise ValueError(f"samples_per_mode={self.samples_per_mode}: expected >= 1")
+        if self.sampling not in SAMPLERS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; known: {sorted(SAMPLERS)}")
+        if not 0.0 <= self.margin <= 1.0:
+            raise ValueError(f"margin={self.margin}: expected 0..1")
+        if self.judge_weight < 0:
+            raise ValueError(f"judge_weight={self.judge_weight}: expected >= 0")
+
+
+def decide_mode(
+    p_on: float, p_off: float, margin: float, judge_vote: str | None = None, weight: float = 0.0
+) -> str:
+    """think_off when p_off - p_on + margin + weight * vote >= 0 (ties to think-off)."""
+    vote = {"think_off": 1.0, "think_on": -1.0}.get(judge_vote or "", 0.0)
+    return "think_off" if p_off - p_on + margin + weight * vote >= -1e-9 else "think_on"
+
+
+def sample_messages(rec: InputRecord, hints: bool) -> list[dict[str, str]]:
+    """The record's prompt with the verifier's answer-format hint appended to the last turn."""
+    hint = prompts.ANSWER_HINTS.get(rec.verifier, "") if hints else ""
+    if not hint:
+        return rec.messages
+    last = prompts.SAMPLE_PROMPT.format(query=rec.query, hint=hint)
+    return [*rec.messages[:-1], {"role": "user", "content": last}]
+
+
+def _sample_teacher(ctx: PipelineContext, rec: InputRecord, mode: str, i: int) -> tuple[str, int]:
+    role = getattr(ctx.cfg, mode)
+    out = ctx.ask(role, sample_messages(rec, ctx.cfg.answer_hints), i, f"tag/{mode}")
+    return out.text, ctx.meter((out.reasoning or "") + out.text)
+
+
+def _sample_prefill(ctx: PipelineContext, rec: InputRecord, mode: str, i: int) -> tuple[str, int]:
+    cfg = ctx.cfg
+    opener = THINK_OPEN if mode == "think_on" else ANSWER_OPEN
+    prefix = f"{cfg.prefill_judge}\n{JUDGE_CLOSE}\n\n{MODE_TOKENS[mode]}\n{opener}\n"
+    prompt = render_chat(sample_messages(rec, cfg.answer_hints), add_generation_prompt=True)
+    out = ctx.complete(getattr(cfg, mode), prompt + prefix, i, f"tag/{mode}")
+    return parse_lenient(GENERATION_PREFIX + prefix + out.text).answer, ctx.meter(out.text)
+
+
+SAMPLERS: dict[str, Callable[[PipelineContext, InputRecord, str, int], tuple[str, int]]] = {
+    "teacher": _sample_teacher,
+    "prefill": _sample_prefill,
+}
+"""Forced-mode samplers by name: (context, record, mode, sample index) -> (answer, length)."""
+
+_VOTE_RE = re.compile(r"think[\s_-]*(on|off)", re.IGNORECASE)
+
+
+def judge_vote(ctx: PipelineContext, rec: InputRecord) -> str | None:
+    """The LLM judge's mode (its last THINK_ON/THINK_OFF), or None when it names neither."""
+    role = ctx.cfg.judge
+    text = (role.prompt or prompts.JUDGE_VOTE_PROMPT).format(query=rec.query)
+    out = ctx.ask(role, [{"role": "user", "content": text}], 0, "tag/judge")
+    found = _VOTE_RE.findall(out.text)
+    return f"think_{found[-1].lower()}" if found else None
+
+
+def process_record(ctx: PipelineContext, rec: InputRecord) -> Outcome:
+    cfg: TagConfig = ctx.cfg
+    verifier = ctx.verifier(rec.verifier)
+    votes: dict[str, list[int]] = {}
+    lengths: dict[str, list[int]] = {}
+    for mode in MODES:
+        votes[mode], lengths[mode] = [], []
+        for i in range(cfg.samples_per_mode):
+            answer, n = SAMPLERS[cfg.sampling](ctx, rec, mode, i)
+            votes[mode].append(int(verifier(answer, rec.reference).correct))
+            lengths[mode].append(n)
+    p_on = sum(votes["think_on"]) / cfg.samples_per_mode
+    p_off = sum(votes["think_off"]) / cfg.samples_per_mode
+    events: Counter = Counter()
+    vote = judge_vote(ctx, rec) if cfg.judge is not None else None
+    if cfg.judge is not None and vote is None:
+        events["judge_unparsed"] += 1
+    weight = cfg.judge_weight if cfg.judge is not None else 0.0
+    row = {
+        **rec.base_row(),
+        "mode": decide_mode(p_on, p_off, cfg.margin, vote, weight),
+        "p_on": p_on,
+        "p_off": p_off,
+        "votes": votes,
+        "judge_vote": vote,
+        "unsolved": p_on == 0 and p_off == 0,
+        "sample_lengths": lengths,
+    }
+    if row["unsolved"] and cfg.drop_unsolved:
+        return Outcome("rejected", row, "unsolved: no sample was verified correct", events)
+    return Outcome("kept", row, None, events)
+
+
+def make_reference_check() -> Callable[[InputRecord], None]:
+    """An input check: the record has a reference its verifier accepts."""
+    from kat_megatron.verifiers import get_verifier
+
+    built: dict[str, Any] = {}
+
+    def check(rec: InputRecord) -> None:
+        if rec.reference is None:
+            raise ValueError("missing 'reference' (sampled answers are verified against it)")
+        if rec.verifier not in built:
+            built[rec.verifier] = get_verifier(rec.verifier)
+        built[rec.verifier].validate_reference(rec.reference)
+
+    return check
+
+
+def _lengths(row: dict[str, Any]) -> Iterable[tuple[str, int]]:
+    for mode, values in row["sample_lengths"].items():
+        for n in values:
+            yield mode, n
+
+
+def _extra(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows) or 1
+    return {
+        "unsolved": sum(bool(r["unsolved"]) for r in rows),
+        "mean_pass_rate": {
+            "think_on": round(sum(r["p_on"] for r in rows) / n, 4),
+            "think_off": round(sum(r["p_off"] for r in rows) / n, 4),
+        },
+        "judge_votes": dict(Counter(str(r["judge_vote"]) for r in rows if r["judge_vote"])),
+    }
+
+
+def run_tag(cfg: TagConfig) -> dict[str, Any]:
+    """Run `kat data tag`; return the summary (also written to OUTPUT/summary.json)."""
+    return run_pipeline("tag", cfg, process_record, make_reference_check(), _lengths, _extra)

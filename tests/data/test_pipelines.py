@@ -1,0 +1,277 @@
+"""`kat data tag/synthesize/coldstart` against a real OpenAI-compatible server on loopback.
+
+The server (`ScriptedLLMServer`, a `ThreadingHTTPServer` on 127.0.0.1) answers from a script
+keyed on model name, query and seed, and counts every request it answers, so resume tests can
+assert that no answered request is ever sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kat_megatron.data import pipelines
+from kat_megatron.data.autothink import parse_strict
+from kat_megatron.data.scripted_server import ScriptedLLMServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+# query -> (reference, easy?, verifier)
+WORLD = {
+    "What is 2 + 3?": ("5", True, "math"),
+    "What is 7 + 1?": ("8", True, "math"),
+    "Name the capital of France.": ("Paris", True, "exact_match"),
+    "Compute 17 * 23.": ("391", False, "math"),
+    "Compute 19 * 21.": ("399", False, "math"),
+    "Prove that 1 = 2.": ("0", False, "math"),  # nobody gets it right: unsolved
+}
+
+
+def _query(text: str) -> str:
+    return next(q for q in WORLD if q in text)
+
+
+def _boxed(x: str) -> str:
+    return f"The answer is \\boxed{{{x}}}."
+
+
+def _chat(model: str, text: str, seed: int) -> str | dict:
+    q = _query(text)
+    ref, easy, _ = WORLD[q]
+    wrong = _boxed("1234")
+    unsolvable = q.startswith("Prove")
+    if model == "on-teacher":
+        return {
+            "reasoning_content": "Let me work it out.",
+            "content": wrong if unsolvable else _boxed(ref),
+        }
+    if model == "off-teacher":
+        return _boxed(ref) if (easy or seed % 2) and not unsolvable else wrong
+    if model == "judge":
+        return "THINK_OFF" if easy else "I would say think_on."
+    if model == "solver":
+        return wrong if unsolvable or (q == "Compute 19 * 21." and seed == 0) else _boxed(ref)
+    if model == "thinker":
+        return f"Multiply step by step; the result is {ref}." + (
+            " (revised)" if "reviewer" in text else ""
+        )
+    if model == "critic":
+        return (
+            "Too terse.\nSCORE: 3" if q == "Compute 17 * 23." and seed == 0 else "Good.\nSCORE: 9"
+        )
+    if model == "direct":
+        return wrong if unsolvable or (q == "What is 7 + 1?" and seed == 0) else _boxed(ref)
+    if model == "intent":
+        return "Factual." if "capital" in q else "This is math."
+    if model == "writer":
+        intent = re.search(r"intent is '([^']+)'", text).group(1)
+        if q == "What is 2 + 3?" and seed == 0:
+            return "Let me <think> about it."  # malformed: holds a special token
+        how = "reason step by step" if "think-on" in text else "answer directly"
+        return f"This {intent} query is best handled if I {how}."
+    raise AssertionError(f"unscripted model {model!r}")
+
+
+def script(path: str, body: dict) -> str | dict:
+    if path.endswith("/chat/completions"):
+        return _chat(body["model"], body["messages"][-1]["content"], body.get("seed", 0))
+    q = _query(body["prompt"])  # /completions with a prefilled mode (sampling=prefill)
+    ref = WORLD[q][0]
+    if body["prompt"].endswith("<think>\n"):
+        return f"Working.\n</think>\n\n<answer>\n\\boxed{{{ref}}}\n</answer>"
+    return "\\boxed{1234}\n</answer>"
+
+
+def _write_input(path: Path, extra_lines: list[str] = ()) -> Path:
+    lines = [
+        json.dumps({"id": f"q{i}", "query": q, "reference": ref, "verifier": v, "source": "test"})
+        for i, (q, (ref, _, v)) in enumerate(WORLD.items())
+    ]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n")
+    return path
+
+
+def _base(server: ScriptedLLMServer, inp: Path, out: Path) -> dict:
+    return {
+        "input": str(inp),
+        "output": str(out),
+        "progress": False,
+        "client": {"base_url": server.base_url, "max_concurrency": 2, "backoff_initial_s": 0.01},
+    }
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def server():
+    with ScriptedLLMServer(script) as s:
+        yield s
+
+
+def _tag_cfg(server, inp, out, **kw) -> dict:
+    cfg = _base(server, inp, out)
+    cfg.update(samples_per_mode=2, judge={"model": "judge"}, **kw)
+    cfg["think_on"], cfg["think_off"] = {"model": "on-teacher"}, {"model": "off-teacher"}
+    return cfg
+
+
+def _run(name: str, cfg: dict) -> dict:
+    """Run pipeline `name` in-process with `cfg` given as dotted overrides (as the CLI would)."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.items()]
+    return pipelines.run(name, None, overrides)
+
+
+def test_tag_synthesize_coldstart_chain(server, tmp_path):
+    import datasets
+
+    inp = _write_input(tmp_path / "queries.jsonl")
+    tag = _run("tag", _tag_cfg(server, inp, tmp_path / "tag"))
+    rows = {r["query"]: r for r in _jsonl(tmp_path / "tag" / "data.jsonl")}
+    assert server.answered == 6 * (2 * 2 + 1)
+    assert rows["What is 2 + 3?"]["mode"] == "think_off"  # tie at 1.0 goes to think-off
+    hard = rows["Compute 17 * 23."]
+    assert (hard["mode"], hard["p_on"], hard["p_off"]) == ("think_on", 1.0, 0.5)
+    assert hard["votes"] == {"think_on": [1, 1], "think_off": [0, 1]}
+    assert hard["judge_vote"] == "think_on" and hard["meta"] == {"source": "test"}
+    assert rows["Prove that 1 = 2."]["unsolved"] is True
+    assert tag["counts"] == dict(
+        lines=6, malformed=0, records=6, processed=6, kept=6, rejected=0, failed=0
+    )
+    assert tag["mode_counts"] == {"think_on": 3, "think_off": 3} and tag["unsolved"] == 1
+    assert tag["length_unit"] == "chars" and tag["length_percentiles"]["think_on"]["count"] == 12
+
+    syn_cfg = _base(server, tmp_path / "tag" / "data.jsonl", tmp_path / "syn")
+    for role in ("solver", "thinker", "critic", "direct"):
+        syn_cfg[role] = {"model": role}
+    before = server.answered
+    syn = _run("synthesize", syn_cfg)
+    assert server.answered - before == 1 + 2 + 1 + 5 + 4 + 3
+    kept = {r["query"]: r for r in _jsonl(tmp_path / "syn" / "data.jsonl")}
+    assert kept["Compute 17 * 23."]["critic_scores"] == [3.0, 9.0]  # regenerated once
+    assert kept["Compute 17 * 23."]["think"].endswith("(revised)")
+    assert kept["Compute 19 * 21."]["rounds"] == 2 and kept["What is 7 + 1?"]["rounds"] == 2
+    assert kept["What is 2 + 3?"]["think"] is None
+    (rej,) = _jsonl(tmp_path / "syn" / "rejected.jsonl")
+    assert rej["query"] == "Prove that 1 = 2." and rej["reason"] == "no verified solver answer"
+    assert syn["rejected_reasons"] == {"no verified solver answer": 1}
+    assert syn["events"] == {"critic_unparsed": 0, "direct_wrong": 1, "solver_wrong": 4}
+
+    cs_cfg = _base(server, tmp_path / "syn" / "data.jsonl", tmp_path / "cs")
+    cs_cfg.update(
+        judge_writer={"model": "writer"}, intent_classifier={"model": "intent"}, tokenizer="tiny"
+    )
+    cs = _run("coldstart", cs_cfg)
+    examples = _jsonl(tmp_path / "cs" / "data.jsonl")
+    assert len(examples) == 5 and cs["events"] == {"malformed_outputs": 1}
+    for ex in examples:
+        resp = parse_strict(ex["messages"][-1]["content"])
+        assert (resp.mode, resp.answer, resp.think) == (ex["mode"], ex["answer"], ex["think"])
+        assert f"This {ex['intent']} query" in resp.judge
+        assert ex["messages"][0] == {"role": "user", "content": ex["query"]}
+    assert cs["mode_ratio"] == {"think_on": 0.4, "think_off": 0.6}
+    assert cs["intent_counts"] == {"factual": 1, "math": 4}
+    assert cs["length_unit"] == "tokens" and cs["length_percentiles"]["think_off"]["count"] == 3
+
+    ds = datasets.load_from_disk(str(tmp_path / "cs" / "dataset"))
+    assert len(ds) == 5 and json.loads(ds[0]["reference"]) == examples[0]["reference"]
+    assert ds[0]["messages"] == examples[0]["messages"]
+    from transformers import AutoTokenizer
+
+    from kat_megatron.data.packing import pack_examples, tokenize_chat
+    from kat_megatron.data.pipelines.io import TINY_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(TINY_DIR))
+    packed = pack_examples([tokenize_chat(tok, ex["messages"]) for ex in examples], 512, pad_id=0)
+    assert sum(len(r.example_indices) for r in packed.sequences) == 5
+
+
+def test_malformed_records_are_counted_with_line_numbers(server, tmp_path):
+    bad = [
+        '{"query": "What is 2 + 3?"',  # line 7: truncated JSON
+        '["not", "an", "object"]',
+        "",
+        '{"id": "q0", "query": "What is 2 + 3?", "reference": "5"}',
+        '{"query": "What is 2 + 3?"}',
+        '{"query": "What is 2 + 3?", "reference": "5", "verifier": "maths"}',
+        '{"messages": [{"role": "assistant", "content": "hi"}], "reference": "1"}',
+    ]
+    inp = _write_input(tmp_path / "in.jsonl", bad)
+    cfg = _tag_cfg(server, inp, tmp_path / "out", limit=2)
+    summary = _run("tag", cfg)
+    lines = {m["line"]: m["reason"] for m in summary["malformed"]}
+    assert sorted(lines) == list(range(7, 14))
+    assert lines[7].startswith("invalid JSON") and "got list" in lines[8]
+    assert lines[9] == "empty line" and "duplicate id 'q0' (first on line 1)" in lines[10]
+    assert "missing 'reference'" in lines[11] and "unknown verifier 'maths'" in lines[12]
+    assert "end with a user turn" in lines[13]
+    assert summary["counts"]["malformed"] == 7 and summary["counts"]["processed"] == 2
+    # Changing what a record produces refuses to mix with the old work log.
+    with pytest.raises(ValueError, match="different config; pass resume=false"):
+        _run("tag", {**cfg, "samples_per_mode": 3})
+    assert _run("tag", {**cfg, "samples_per_mode": 3, "resume": False})["counts"]["kept"] == 2
+
+
+def test_resume_after_kill_sends_no_repeated_requests(server, tmp_path):
+    inp = _write_input(tmp_path / "q.jsonl")
+    cfg = _tag_cfg(server, inp, tmp_path / "out")
+    del cfg["judge"]
+    cfg_path = tmp_path / "tag.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    server.block_after = 9  # answer 9 requests, then hang until killed
+    log = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kat_megatron.cli", "data", "tag", str(cfg_path)],
+        cwd=REPO, stdout=log, stderr=log,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while server.n_blocked < 2:  # both workers wait: every earlier answer is cached
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the pipeline never reached the interruption point"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    server.release()
+    assert server.answered == 9 and not (tmp_path / "out" / "summary.json").exists()
+
+    summary = pipelines.run("tag", str(cfg_path))
+    assert server.answered == 6 * 2 * 2
+    assert max(server.answered_by_key.values()) == 1  # nothing answered twice
+    assert summary["requests"]["sent"] == 24 - 9 and summary["counts"]["kept"] == 6
+    assert len(_jsonl(tmp_path / "out" / "data.jsonl")) == 6
+    # A third run finds everything done and sends nothing.
+    assert pipelines.run("tag", str(cfg_path))["requests"]["sent"] == 0
+    assert server.answered == 24
+
+
+def test_prefill_sampling_and_cli_errors(server, tmp_path, capsys):
+    from kat_megatron.cli import main
+
+    inp = tmp_path / "q.jsonl"
+    inp.write_text(json.dumps({"query": "Compute 17 * 23.", "reference": "391"}) + "\n")
+    cfg = _tag_cfg(server, inp, tmp_path / "out", sampling="prefill")
+    del cfg["judge"]
+    summary = _run("tag", cfg)
+    (row,) = _jsonl(tmp_path / "out" / "data.jsonl")
+    assert (row["p_on"], row["p_off"], row["mode"]) == (1.0, 0.0, "think_on")
+    assert summary["requests"]["sent"] == 4
+    prompt = server.bodies[0][1]["prompt"]
+    prefill = "I will decide how to answer this query.\n</judge>\n\n<think_on>\n<think>\n"
+    assert prompt.endswith("<|im_start|>assistant\n<judge>\n" + prefill)
+
+    cfg_path = tmp_path / "tag.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "tag", str(cfg_path), "samples_per_mod=3"]) == 2
+    assert "did you mean 'samples_per_mode'" in capsys.readouterr().err
+    assert main(["data", "tag", str(cfg_path), "think_on.temperature=9"]) == 2
+    assert "think_on.temperature=9.0: expected 0..2" in capsys.readouterr().err
+    assert main(["data", "synthesize", str(cfg_path)]) == 2
+    assert "unknown key 'samples_per_mode'" in capsys.readouterr().err
