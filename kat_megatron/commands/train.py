@@ -43,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
     # Validate before starting ranks: a bad key or an impossible backend fails once, early.
     cfg = load_config(args.config, args.overrides)
     resolve_backend(cfg.model)
-    if cfg.stage != "pretrain":
-        raise ValueError(f"{args.config}: stage {cfg.stage!r} is not available yet (pretrain is)")
+    from kat_megatron.training.stages import get_stage
+
+    get_stage(cfg.stage)
     if args.nproc > 1 and not under_launcher():
         return launch_local(args.nproc, ["train", args.config, *args.overrides])
 

@@ -31,17 +31,18 @@ def microbatch_indices(
 
 
 def collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Stack the dataset's per-sample dicts into [mbs, ...] tensors (attention masks dropped:
-    the model uses its causal mask)."""
+    """Stack the dataset's per-sample dicts into [mbs, ...] tensors (ids as int64, the loss mask
+    as float; an `attention_mask` [1, s, s] per sample becomes [mbs, 1, s, s])."""
     out = {}
-    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask"):
+        if key not in samples[0]:
+            continue
         vals = [s[key] for s in samples]
         out[key] = torch.stack(
             [v if torch.is_tensor(v) else torch.from_numpy(np.asarray(v)) for v in vals]
         )
-    out["tokens"] = out["tokens"].long()
-    out["labels"] = out["labels"].long()
-    out["position_ids"] = out["position_ids"].long()
+    for key in ("tokens", "labels", "position_ids"):
+        out[key] = out[key].long()
     out["loss_mask"] = out["loss_mask"].float()
     return out
 

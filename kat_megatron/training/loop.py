@@ -12,7 +12,6 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,14 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from kat_megatron.config import KatConfig, config_to_dict, dump_config, format_config
-from kat_megatron.losses.lm import masked_token_loss
 from kat_megatron.models.builder import build_model, transformer_config
 from kat_megatron.parallel.init import initialize
+from kat_megatron.planning.runtime import log_memory_check
 from kat_megatron.training import checkpointing as ckpt
 from kat_megatron.training.batches import step_batches
 from kat_megatron.training.metrics import MetricsLogger
 from kat_megatron.training.optimizer import build_optimizer, wrap_ddp
+from kat_megatron.training.stages import get_stage
 
 log = logging.getLogger("kat")
 EXIT_PREEMPTED = 42
@@ -65,19 +65,6 @@ class _StopFlag:
         return bool(flag.item())
 
 
-def forward_step(data_iterator, model, stage_fn=masked_token_loss):
-    """Megatron-Core forward step: run one micro-batch, return (output, loss function)."""
-    batch = next(data_iterator)
-    output = model(
-        batch["tokens"],
-        batch["position_ids"],
-        None,
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-    )
-    return output, partial(stage_fn, loss_mask_bs=batch["loss_mask"])
-
-
 def reduce_loss(losses: list[dict[str, torch.Tensor]]) -> float:
     """Token-mean LM loss of the global batch, known on every rank."""
     total = torch.zeros(2)
@@ -97,6 +84,7 @@ class Trainer:
 
     def __init__(self, cfg: KatConfig, datasets=None) -> None:
         self.cfg = cfg
+        self.stage = get_stage(cfg.stage)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.dp = initialize(cfg.parallel, cfg.training.seed, cfg.model)
@@ -112,25 +100,7 @@ class Trainer:
         self.stop = _StopFlag()
 
     def _build_data(self):
-        """Megatron GPT datasets sized for the whole run (data repeats to reach the count)."""
-        from kat_megatron.data.gpt_data import build_gpt_datasets
-
-        cfg, t = self.cfg, self.cfg.training
-        evals = t.steps // t.eval_interval + 1 if t.eval_interval else 1
-        num_samples = (
-            t.steps * t.global_batch_size,
-            evals * t.eval_iters * t.global_batch_size,
-            t.global_batch_size,
-        )
-        cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
-        return build_gpt_datasets(
-            cfg.data,
-            cfg.data.seq_length,
-            t.seed,
-            num_samples,
-            cache_dir=cache,
-            create_attention_mask=False,
-        )
+        return self.stage.build_datasets(self.cfg, self.run_dir)
 
     def _resume(self) -> None:
         cfg = self.cfg
@@ -186,7 +156,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=self.stage.forward_step,
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
             num_microbatches=n_micro,
@@ -222,6 +192,7 @@ class Trainer:
             dump_config(cfg, self.run_dir / "config.yaml")
             log.info("resolved config:\n%s", format_config(cfg))
         self._resume()
+        log_memory_check(self)  # `kat plan`'s estimate beside what rank 0 allocated
         metrics = MetricsLogger(cfg, self.run_dir, self.state.step, writer)
         interval = cfg.checkpoint.save_interval
         preempted = False

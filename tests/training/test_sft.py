@@ -1,0 +1,114 @@
+"""SFT stage (`stage: sft`): packed chat rows train like unpacked ones, at any TP.
+
+- Packed vs unpacked: one forward of a packed row (documents separated by the block-diagonal
+  attention mask) gives, on the assistant tokens, the same per-token losses as each document run
+  alone with the plain causal mask. Tolerance 1e-5 absolute: fp32 attention over a different
+  number of (exactly zero-weighted, masked) keys changes only summation order.
+- TP=2 vs TP=1: 8 steps of `kat train` with stage sft give the same losses (relative 1e-5, the
+  bound and argument of tests/training/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kat_megatron.data.autothink import AutoThinkResponse, render_response
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def write_chats(path: Path, n: int, seed: int = 0) -> Path:
+    """Synthetic AutoThink conversations: easy sums answered directly, products with reasoning."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        if rng.random() < 0.5:
+            resp = AutoThinkResponse("Simple addition.", "think_off", str(a + b))
+            q = f"What is {a} + {b}?"
+        else:
+            resp = AutoThinkResponse(
+                "Needs a few steps.", "think_on", str(a * b), think=f"{a} * {b} = {a * b}"
+            )
+            q = f"What is {a} * {b}?"
+        msgs = [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": render_response(resp)},
+        ]
+        lines.append(json.dumps({"messages": msgs}))
+    lines.insert(3, "{not json")  # malformed lines are reported and skipped, not fatal
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_packed_rows_match_unpacked_documents(tmp_path):
+    from kat_megatron.config import ModelConfig, ParallelConfig
+    from kat_megatron.data.packing import pack_examples, tokenize_chat
+    from kat_megatron.data.sft_data import read_chat_records
+    from kat_megatron.data.tokenizer import load_tokenizer
+    from kat_megatron.models.builder import build_model
+    from kat_megatron.models.presets import get_preset
+    from kat_megatron.parallel.init import initialize, shutdown
+
+    convs, problems = read_chat_records([str(write_chats(tmp_path / "c.jsonl", 6))])
+    assert len(convs) == 6 and len(problems) == 1 and ":4:" in problems[0]
+    tok = load_tokenizer("tiny")
+    examples = [tokenize_chat(tok, m) for m in convs]
+    row = pack_examples(examples, seq_length=512, pad_id=0).sequences[0]
+    assert len(row.cu_seqlens) == 7  # all six documents in one row
+
+    model_cfg = ModelConfig(**get_preset("tiny-dense"))
+    initialize(ParallelConfig(), seed=3, model=model_cfg)
+    try:
+        model = build_model(model_cfg, ParallelConfig(), "fp32")[0].eval()
+        with torch.no_grad():
+            packed = model(
+                torch.from_numpy(row.tokens_s)[None],
+                torch.from_numpy(row.position_ids_s)[None],
+                torch.from_numpy(row.attention_mask())[None],
+                labels=torch.from_numpy(row.labels_s)[None],
+            )[0]
+            for i, j in zip(row.cu_seqlens[:-1], row.cu_seqlens[1:]):
+                alone = model(
+                    torch.from_numpy(row.tokens_s[i:j])[None],
+                    torch.from_numpy(row.position_ids_s[i:j])[None],
+                    None,
+                    labels=torch.from_numpy(row.labels_s[i:j])[None],
+                )[0]
+                mask = torch.from_numpy(row.loss_mask_s[i:j]) > 0
+                assert mask.any()
+                diff = (packed[i:j][mask] - alone[mask]).abs().max().item()
+                assert diff <= 1e-5, diff
+    finally:
+        shutdown()
+
+
+def test_sft_tp2_matches_tp1(tmp_path, kat, metrics):
+    chats = write_chats(tmp_path / "chats.jsonl", 64, seed=1)
+    cfg = {
+        "stage": "sft",
+        "model": {"preset": "tiny-dense"},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1},
+        "training": {"steps": 8, "micro_batch_size": 2, "global_batch_size": 4},
+        "data": {"jsonl": [str(chats)], "seq_length": 128},
+        "checkpoint": {"save": False},
+        "logging": {"tensorboard": False},
+    }
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = kat(["train", str(config), f"run.dir={tmp_path / 'tp1'}"])
+    assert "skipped 1 malformed chat record" in proc.stderr
+    kat(["train", str(config), f"run.dir={tmp_path / 'tp2'}", "parallel.tp=2"], nproc=2)
+    base = [r["loss"] for r in metrics(tmp_path / "tp1")]
+    tp2 = [r["loss"] for r in metrics(tmp_path / "tp2")]
+    assert len(base) == len(tp2) == 8
+    rel = max(abs(a - b) / abs(a) for a, b in zip(base, tp2))
+    print(f"SFT TP2 vs TP1: max relative loss difference {rel:.2e}; losses {base}")
+    assert rel <= 1e-5
+    assert base[-1] < base[0]  # it learns
