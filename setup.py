@@ -6,7 +6,7 @@ setup(
     name="kat_megatron",
     version="0.1.0",
     description="Training stack for AutoThink (KAT-V1 style) reasoning models on Megatron-Core",
-    python_requires=">=3.10,<3.12",
+    python_requires=">=3.10",
     packages=find_packages(include=["kat_megatron", "kat_megatron.*"]),
     package_data={"kat_megatron": ["assets/**/*"]},
     include_package_data=True,
