@@ -18,6 +18,7 @@ from kat_megatron.config import KatConfig, dump_config, load_config
 from kat_megatron.launch import registry, slurm
 from kat_megatron.launch.render import LaunchPlan, render_script
 from kat_megatron.launch.spec import JobSpec, check_fits
+from kat_megatron.training.stages import get_stage
 
 META_FILE = "kat_meta.json"
 """`kat_megatron.training.checkpointing.META_FILE`: marks a complete checkpoint (tested equal)."""
@@ -59,6 +60,7 @@ def plan_launch(
     current directory), which is also the job's working directory.
     """
     cfg = load_config(config, overrides)
+    get_stage(cfg.stage)  # a stage without a trainer fails here, not after the job starts
     check_fits(cfg, spec)
     workdir = os.path.abspath(os.path.expanduser(workdir or os.getcwd()))
     cfg.run.dir = _absolute(cfg.run.dir, workdir)
