@@ -109,7 +109,8 @@ def main() -> None:
     achieved = flops / dt / 1e12
     peak = matmul_peak_tflops(dtype, device, 256 if args.tiny else 8192, 5 if args.tiny else 50)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"device: {name}; layers {args.layers} x kat-v1-40b shape; seq {s}; mbs {b}; {dtype}")
+    shape = "tiny-dense" if args.tiny else "kat-v1-40b"
+    print(f"device: {name}; {args.layers} layers of {shape} shape; seq {s}; mbs {b}; {dtype}")
     print(f"forward+backward: {dt * 1e3:.1f} ms/iter; model FLOPs {flops / 1e12:.2f} TFLOP/iter")
     print(f"achieved: {achieved:.1f} TFLOP/s; measured matmul peak: {peak:.1f} TFLOP/s")
     print(f"MFU vs measured peak: {100 * achieved / peak:.1f}%")
