@@ -1,0 +1,258 @@
+"""Parallel layouts for `kat plan CONFIG|PRESET --gpus N`: what a layout is and which ones are valid.
+
+A `Layout` is TP x PP x VPP x EP x ETP x CP x DP with world size tp * pp * cp * dp. `check_layout`
+returns the reason a layout cannot run (or None); `enumerate_layouts` walks every candidate for a
+cluster and returns the valid ones and the rejected ones with their reasons.
+
+Rules, each Megatron-Core's (or this project's config schema, `kat_megatron.config.check_layout`):
+TP divides attention heads, KV groups and the FFN width, and stays inside a node (its all-gathers
+and reduce-scatters sit on the critical path of every layer); PP x VPP divides the layers; EP
+divides the experts and the data x context-parallel size; ETP divides the expert FFN width and
+the world size divides ETP x EP x PP; the vocabulary is padded to a multiple of 128 x TP, so it
+always divides; CP splits each sequence into 2 x CP chunks (load-balanced causal attention); the
+global batch is a multiple of micro-batch x DP; the interleaved schedule needs the number of
+micro-batches to be a multiple of PP (Megatron-Core's `microbatch_group_size_per_vp_stage`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kat_megatron.config.schema import ModelConfig, ParallelConfig
+from kat_megatron.config.schema import check_layout as schema_check
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallel layout; world size = tp * pp * cp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int | None = None
+    """Virtual stages per pipeline rank (interleaved 1F1B); None = plain 1F1B."""
+    ep: int = 1
+    etp: int | None = None
+    """Expert tensor-parallel size; None = same as tp."""
+    cp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def etp_size(self) -> int:
+        return self.etp or self.tp
+
+    @property
+    def sp(self) -> bool:
+        """Sequence parallelism: on whenever tp > 1 (the config default, and MoE needs it)."""
+        return self.tp > 1
+
+    @property
+    def expert_dp(self) -> int:
+        """Expert data-parallel size: world / (etp * ep * pp)."""
+        return self.world // (self.etp_size * self.ep * self.pp)
+
+    @property
+    def chunks(self) -> int:
+        return self.vpp or 1
+
+    def label(self) -> str:
+        """'TP2 PP8 VPP2 EP64 ETP1 CP1 DP64'."""
+        parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        if self.vpp:
+            parts.append(f"VPP{self.vpp}")
+        parts += [f"EP{self.ep}"]
+        if self.etp is not None and self.etp != self.tp:
+            parts.append(f"ETP{self.etp}")
+        parts += [f"CP{self.cp}", f"DP{self.dp}"]
+        return " ".join(parts)
+
+    def overrides(self, distributed_optimizer: bool = True) -> list[str]:
+        """Config overrides `kat train` accepts for this layout (`parallel.tp=8 ...`)."""
+        out = [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}"]
+        if self.vpp:
+            out.append(f"parallel.vpp={self.vpp}")
+        out += [f"parallel.ep={self.ep}", f"parallel.cp={self.cp}"]
+        if self.etp is not None and self.etp != self.tp:
+            out.append(f"parallel.etp={self.etp}")
+        if not distributed_optimizer:
+            out.append("parallel.use_distributed_optimizer=false")
+        return out
+
+    def parallel_config(self, distributed_optimizer: bool = True) -> ParallelConfig:
+        return ParallelConfig(
+            tp=self.tp,
+            pp=self.pp,
+            vpp=self.vpp,
+            ep=self.ep,
+            etp=self.etp,
+            cp=self.cp,
+            use_distributed_optimizer=distributed_optimizer,
+        )
+
+    @classmethod
+    def from_parallel(cls, par: ParallelConfig, world: int) -> Layout:
+        """The layout a run with `par` on `world` ranks uses."""
+        dp = world // (par.tp * par.pp * par.cp)
+        return cls(tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp, ep=par.ep, etp=par.etp, cp=par.cp)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """GPUs available to one job."""
+
+    gpus: int
+    gpus_per_node: int = 8
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1 or self.gpus_per_node < 1:
+            raise ValueError("--gpus and --gpus-per-node must be >= 1")
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise ValueError(
+                f"--gpus {self.gpus} is not a whole number of nodes of {self.gpus_per_node}"
+            )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Sequence length and batch shape of one optimizer step."""
+
+    seq_len: int
+    global_batch: int
+    micro_batch: int = 1
+
+    def microbatches(self, layout: Layout) -> int:
+        """Micro-batches per step on each data-parallel rank."""
+        return self.global_batch // (self.micro_batch * layout.dp)
+
+
+def check_layout(model: ModelConfig, layout: Layout, cluster: Cluster, batch: Batch) -> str | None:
+    """Why `layout` cannot run `model` on `cluster` with `batch` (one line), or None if it can."""
+    if layout.world != cluster.gpus:
+        return f"tp*pp*cp*dp = {layout.world} != {cluster.gpus} GPUs"
+    if layout.tp > cluster.gpus_per_node or cluster.gpus_per_node % layout.tp:
+        return f"TP{layout.tp} does not fit inside a node of {cluster.gpus_per_node} GPUs"
+    if layout.etp_size > cluster.gpus_per_node or cluster.gpus_per_node % layout.etp_size:
+        return f"ETP{layout.etp_size} does not fit inside a node of {cluster.gpus_per_node} GPUs"
+    try:
+        schema_check(model, layout.parallel_config(), world_size=layout.world)
+    except ValueError as e:
+        return str(e)
+    return _check_moe(model, layout) or _check_batch(layout, batch)
+
+
+def _check_moe(model: ModelConfig, layout: Layout) -> str | None:
+    if layout.etp is None or layout.etp == layout.tp:
+        return None
+    if not model.is_moe:
+        return f"ETP{layout.etp} needs an MoE model"
+    if layout.ep == 1:
+        # Megatron-Core reduces expert gradients over the dense DP group when EP = 1.
+        return f"ETP{layout.etp} != TP{layout.tp} needs EP > 1"
+    ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
+    if ffn % layout.etp:
+        return f"ETP{layout.etp} does not divide the expert FFN width {ffn}"
+    if layout.world % (layout.etp * layout.ep * layout.pp):
+        return f"world {layout.world} is not divisible by etp*ep*pp"
+    return None
+
+
+def _check_batch(layout: Layout, batch: Batch) -> str | None:
+    if batch.seq_len % (2 * layout.cp) and layout.cp > 1:
+        return f"CP{layout.cp} needs the sequence length divisible by 2*cp = {2 * layout.cp}"
+    if batch.global_batch % (batch.micro_batch * layout.dp):
+        return (
+            f"global batch {batch.global_batch} is not a multiple of micro-batch x DP = "
+            f"{batch.micro_batch} x {layout.dp}"
+        )
+    m = batch.microbatches(layout)
+    if layout.vpp and m % layout.pp:
+        return f"interleaved schedule needs micro-batches per step ({m}) divisible by PP{layout.pp}"
+    return None
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def candidate_layouts(
+    model: ModelConfig, cluster: Cluster, max_vpp: int = 8, max_cp: int = 16
+) -> list[Layout]:
+    """Every TP x PP x VPP x CP x EP x ETP whose product fits the GPU count (unchecked).
+
+    ETP is tried at TP and 1 (the two settings Megatron-LM MoE recipes use); VPP up to `max_vpp`
+    virtual stages, CP up to `max_cp`.
+    """
+    n = cluster.gpus
+    experts = model.num_moe_experts or 1
+    out = []
+    for tp in _divisors(n, cluster.gpus_per_node):
+        for pp in _divisors(n // tp, model.num_layers):
+            for cp in _divisors(n // (tp * pp), max_cp):
+                dp = n // (tp * pp * cp)
+                vpps = [None] + [
+                    v for v in _divisors(model.num_layers // pp, max_vpp) if v > 1 and pp > 1
+                ]
+                for vpp in vpps:
+                    for ep in _divisors(experts, dp * cp):
+                        etps = sorted({tp, 1}) if model.is_moe and ep > 1 else [tp]
+                        for etp in etps:
+                            out.append(
+                                Layout(
+                                    tp=tp,
+                                    pp=pp,
+                                    dp=dp,
+                                    vpp=vpp,
+                                    ep=ep,
+                                    etp=None if etp == tp else etp,
+                                    cp=cp,
+                                )
+                            )
+    return out
+
+
+@dataclass(frozen=True)
+class Rejection:
+    layout: Layout
+    reason: str
+
+
+def enumerate_layouts(
+    model: ModelConfig, cluster: Cluster, batch: Batch, max_vpp: int = 8
+) -> tuple[list[Layout], list[Rejection]]:
+    """(valid layouts, rejected layouts with reasons) for `model` on `cluster`."""
+    valid, rejected = [], []
+    for layout in candidate_layouts(model, cluster, max_vpp):
+        reason = check_layout(model, layout, cluster, batch)
+        if reason is None:
+            valid.append(layout)
+        else:
+            rejected.append(Rejection(layout, reason))
+    return valid, rejected
+
+
+def layout_from_overrides(items: list[str], gpus: int) -> Layout:
+    """A layout from `parallel.KEY=VALUE` items, DP filling the GPUs.
+
+    Takes a whole override line of `kat plan`'s output: other keys are skipped.
+    """
+    keys = {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "etp": None, "cp": 1}
+    for item in items:
+        key, _, value = item.partition("=")
+        name = key.removeprefix("parallel.")
+        if not key.startswith("parallel.") or name in (
+            "use_distributed_optimizer",
+            "sequence_parallel",
+            "overlap_grad_reduce",
+            "dist_backend",
+        ):
+            continue
+        if name not in keys or not value:
+            raise ValueError(f"--layout {item!r}: expected parallel.{{{','.join(keys)}}}=N")
+        keys[name] = None if value.lower() in ("none", "null") else int(value)
+    mp = keys["tp"] * keys["pp"] * keys["cp"]
+    if gpus % mp:
+        raise ValueError(f"--layout: tp*pp*cp = {mp} does not divide --gpus {gpus}")
+    return Layout(dp=gpus // mp, **keys)

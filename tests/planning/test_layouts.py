@@ -1,0 +1,192 @@
+"""Layout enumeration, known-good published layouts and `kat plan`: `pytest tests/planning/test_layouts.py`.
+
+Validity rules are re-derived here from the constraints Megatron-Core enforces (an independent
+statement, not a call into the planner), and two published recipes must come out valid and
+fitting in 80 GB: a DeepSeek-V3-like 671B MoE at TP2 PP8 EP64 (ETP1) on 1024 GPUs (DeepSeek-V3
+technical report shapes; Megatron-LM's MoE recipe layout) and a Llama-2-70B-shaped dense model at
+TP8 PP2 on 768 GPUs (Megatron-LM's Llama-2 70B recipe, sequence 4096).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kat_megatron.config import load_config
+from kat_megatron.config.schema import ModelConfig
+from kat_megatron.config.schema import check_layout as schema_check
+from kat_megatron.models.params import count_params
+from kat_megatron.models.presets import get_preset
+from kat_megatron.planning.inventory import expand, stage_inventory
+from kat_megatron.planning.layout import (
+    Batch,
+    Cluster,
+    Layout,
+    check_layout,
+    enumerate_layouts,
+    layout_from_overrides,
+)
+from kat_megatron.planning.planner import GIB, PlanOptions, evaluate, plan
+from kat_megatron.planning.static import buffer_layout, static_memory
+
+# DeepSeek-V3 shapes (61 layers: 3 dense + 58 MoE, 256 experts top-8 of width 2048 plus one
+# shared expert, MTP depth 1), with 64 layers so that PP8 divides them (3 dense + 61 MoE: larger
+# than the real model, so "fits" is conservative) and GQA with 16 KV groups in place of MLA.
+DSV3_LIKE = ModelConfig(
+    preset=None,
+    num_layers=64,
+    hidden_size=7168,
+    num_attention_heads=128,
+    num_query_groups=16,
+    kv_channels=128,
+    ffn_hidden_size=18432,
+    vocab_size=129280,
+    add_qkv_bias=False,
+    num_moe_experts=256,
+    moe_router_topk=8,
+    moe_ffn_hidden_size=2048,
+    moe_shared_expert_intermediate_size=2048,
+    moe_first_k_dense=3,
+    mtp_num_layers=1,
+)
+LLAMA2_70B = ModelConfig(
+    preset=None,
+    num_layers=80,
+    hidden_size=8192,
+    num_attention_heads=64,
+    num_query_groups=8,
+    ffn_hidden_size=28672,
+    vocab_size=32000,
+    add_qkv_bias=False,
+)
+
+
+def _model(name: str) -> ModelConfig:
+    return ModelConfig(**get_preset(name))
+
+
+def _independently_valid(m: ModelConfig, lay: Layout, cluster: Cluster, batch: Batch) -> bool:
+    experts = m.num_moe_experts or 1
+    ffn_e = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    return (
+        lay.tp * lay.pp * lay.cp * lay.dp == cluster.gpus
+        and cluster.gpus_per_node % lay.tp == 0
+        and m.num_attention_heads % lay.tp == 0
+        and m.num_query_groups % lay.tp == 0
+        and m.ffn_hidden_size % lay.tp == 0
+        and m.num_layers % (lay.pp * (lay.vpp or 1)) == 0
+        and experts % lay.ep == 0
+        and (lay.dp * lay.cp) % lay.ep == 0
+        and (lay.ep == 1 or m.is_moe)
+        and (lay.etp is None or (lay.ep > 1 and ffn_e % lay.etp == 0))
+        and batch.global_batch % (batch.micro_batch * lay.dp) == 0
+        and (lay.vpp is None or (batch.global_batch // lay.dp) % lay.pp == 0)
+        and (lay.cp == 1 or batch.seq_len % (2 * lay.cp) == 0)
+    )
+
+
+@pytest.mark.parametrize("name,gpus", [("kat-v1-40b", 64), ("kat-200b-a40b", 256)])
+def test_enumeration_agrees_with_independent_rules(name, gpus):
+    m, cluster, batch = _model(name), Cluster(gpus), Batch(8192, 512)
+    valid, rejected = enumerate_layouts(m, cluster, batch)
+    assert valid and rejected
+    for lay in valid:
+        assert _independently_valid(m, lay, cluster, batch), lay
+    for r in rejected:
+        assert r.reason and not _independently_valid(m, r.layout, cluster, batch), r
+
+
+@pytest.mark.parametrize(
+    "name,layout,gpus,batch,reason",
+    [
+        ("kat-v1-40b", Layout(tp=16, dp=4), 64, Batch(8192, 512), "inside a node"),
+        ("kat-v1-40b", Layout(tp=1, pp=3, dp=1), 3, Batch(8192, 3), "num_layers=80"),
+        ("kat-v1-40b", Layout(tp=8, pp=1, dp=1, ep=2), 8, Batch(8192, 8), "needs an MoE"),
+        ("kat-v1-40b", Layout(tp=8, pp=2, dp=4), 64, Batch(8192, 510), "not a multiple"),
+        ("kat-v1-40b", Layout(tp=8, pp=4, vpp=2, dp=2), 64, Batch(8192, 6), "divisible by PP4"),
+        ("kat-v1-40b", Layout(tp=8, cp=4, dp=2), 64, Batch(8190, 512), "divisible by 2*cp"),
+        ("kat-200b-a40b", Layout(tp=8, pp=8, dp=4, ep=8), 256, Batch(8192, 512), "must divide"),
+        ("kat-200b-a40b", Layout(tp=1, pp=1, dp=256, ep=128), 256, Batch(8192, 512), "64"),
+        ("kat-200b-a40b", Layout(tp=2, pp=8, dp=16, etp=1), 256, Batch(8192, 512), "EP > 1"),
+    ],
+)
+def test_invalid_layouts_are_rejected_with_a_reason(name, layout, gpus, batch, reason):
+    got = check_layout(_model(name), layout, Cluster(gpus), batch)
+    assert got is not None and reason in got, got
+
+
+def test_kv_groups_reason_on_a_ten_gpu_node():
+    # 40 heads split 5 ways, but 8 KV groups do not
+    got = check_layout(_model("kat-v1-40b"), Layout(tp=5, dp=2), Cluster(10, 10), Batch(8192, 8))
+    assert "num_query_groups=8" in got
+
+
+@pytest.mark.parametrize(
+    "model,layout,gpus,gbs",
+    [
+        (DSV3_LIKE, Layout(tp=2, pp=8, dp=64, ep=64, etp=1), 1024, 15360),
+        (LLAMA2_70B, Layout(tp=8, pp=2, dp=48), 768, 1536),
+    ],
+    ids=["deepseek-v3-like-tp2-pp8-ep64", "llama2-70b-tp8-pp2"],
+)
+def test_published_layouts_are_found_and_fit(model, layout, gpus, gbs):
+    opts = PlanOptions(gpus=gpus, gpu_mem_gb=80, seq_len=4096, global_batch=gbs)
+    valid, _ = enumerate_layouts(model, opts.cluster, opts.batch)
+    assert layout in valid
+    p = evaluate(model, layout, opts)
+    print(f"{layout.label()}: {p.memory.total / GIB:.1f} GiB with recompute {p.recompute}")
+    assert p.fits and p.memory.total <= 80 * GIB
+    # ... and the check has teeth: without model parallelism neither comes close
+    lean = evaluate(model, Layout(dp=gpus), opts)
+    assert not lean.fits and lean.memory.static.total_bytes > 80 * GIB
+
+
+def test_dsv3_like_is_671b_class():
+    total = count_params(DSV3_LIKE).total
+    assert 671e9 < total < 740e9
+
+
+@pytest.mark.parametrize(
+    "layout", [Layout(tp=2, pp=8, dp=16, ep=8, etp=1), Layout(tp=8, pp=4, dp=8, ep=8)]
+)
+def test_fast_static_path_matches_buffer_simulation(layout):
+    """The closed form used in the search equals Megatron's index arithmetic, replayed
+    parameter by parameter, for the 200B model; and bytes/param follow 2 + 4 + 12/DP."""
+    m = _model("kat-200b-a40b")
+    for pp_rank in (0, layout.pp - 1):
+        fast = static_memory(m, layout, pp_rank)
+        slow_grads = 0
+        for chunk in stage_inventory(m, layout, pp_rank):
+            params = expand(chunk)
+            dense = [p for p in params if not p.expert]
+            expert = [p for p in params if p.expert]
+            slow_grads += 4 * buffer_layout(dense, layout.dp * layout.cp, True, None).numel
+            slow_grads += 4 * buffer_layout(expert, layout.expert_dp, True, None).numel
+        assert fast.grad_bytes == slow_grads
+        n = fast.numel
+        assert abs(fast.params_bytes / (2 * n) - 1) < 1e-3
+        assert fast.optimizer_bytes <= 12 * n / layout.expert_dp + 12 * n / layout.dp
+
+
+def test_plan_ranks_fitting_layouts_and_prints_valid_overrides():
+    m = _model("kat-v1-40b")
+    result = plan(m, PlanOptions(gpus=64, seq_len=8192), "kat-v1-40b")
+    assert result.fitting and result.plans[0].fits
+    times = [p.cost.step_s for p in result.fitting]
+    assert times == sorted(times)
+    for p in result.fitting[:5]:
+        overrides = ["model.preset=kat-v1-40b", *p.overrides(result.options.batch)]
+        cfg = load_config(None, overrides)  # what `kat train` would accept
+        schema_check(cfg.model, cfg.parallel, world_size=64)
+        assert layout_from_overrides(overrides[1:], 64) == p.layout
+
+
+def test_kat_plan_cli(capsys):
+    from kat_megatron.cli import main
+
+    assert main(["plan", "kat-v1-40b", "--gpus", "64", "--top", "3", "--seq-len", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "kat-v1-40b on 64 GPUs" in out and "model.preset=kat-v1-40b parallel.tp=" in out
+    assert main(["plan", "kat-v1-40b", "--gpus", "64", "--layout", "parallel.tp=8"]) == 0
+    assert "TP8 PP1 EP1 CP1 DP8" in capsys.readouterr().out
+    assert main(["plan", "kat-v1-40b", "--gpus", "64", "--layout", "parallel.tp=16"]) == 2
+    assert "inside a node" in capsys.readouterr().err
