@@ -46,6 +46,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rotary_base: float = 1_000_000.0
     add_qkv_bias: bool = True
+    qk_layernorm: bool = False
+    """RMSNorm/LayerNorm on each query and key head before RoPE (Qwen3's q_norm/k_norm)."""
     untie_embeddings_and_output_weights: bool = True
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-6
@@ -234,6 +236,9 @@ class TrainingConfig:
     eval_interval: int = 0
     """Run validation every n steps (0 = never)."""
     eval_iters: int = 2
+    recompute: str = "none"
+    """Activation recomputation: `none`, `selective` (attention core, MoE activations) or
+    `full` (every layer's input is kept, the layer rerun in backward); see `kat plan`."""
     exit_interval: int = 0
     """Save a checkpoint and exit after a step divisible by this (0 = run to the end)."""
 
@@ -243,6 +248,7 @@ class TrainingConfig:
         _positive("training", "steps", self.steps, allow_zero=True)
         _positive("training", "eval_interval", self.eval_interval, allow_zero=True)
         _positive("training", "exit_interval", self.exit_interval, allow_zero=True)
+        _choice("training", "recompute", self.recompute, ("none", "selective", "full"))
         _choice("training", "precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(

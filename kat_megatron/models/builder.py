@@ -74,6 +74,26 @@ def moe_layer_freq(model: ModelConfig) -> int | list[int]:
     return 1 if all(pattern) else pattern
 
 
+def recompute_overrides(mode: str, model: ModelConfig) -> dict:
+    """TransformerConfig fields for `training.recompute` (none, selective or full).
+
+    Selective recompute covers the attention core, and the MoE expert activations where
+    Megatron-Core supports it (grouped GEMM, i.e. the TE backend)."""
+    if mode == "none":
+        return {}
+    if mode == "selective":
+        moe_act = model.is_moe and resolve_backend(model) == "te"
+        modules = ["core_attn", "moe_act"] if moe_act else ["core_attn"]
+        return {"recompute_granularity": "selective", "recompute_modules": modules}
+    if mode == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    raise ValueError(f"training.recompute={mode!r}: expected none, selective or full")
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, precision: str = "auto", **overrides
 ) -> TransformerConfig:
@@ -93,6 +113,7 @@ def transformer_config(
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,

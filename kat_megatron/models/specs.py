@@ -69,10 +69,11 @@ class KatLocalSpecProvider(LocalSpecProvider):
         return KatTorchNorm
 
 
-def _local_layer_spec(num_experts: int | None) -> ModuleSpec:
+def _local_layer_spec(num_experts: int | None, qk_layernorm: bool = False) -> ModuleSpec:
     """A transformer layer of local modules (the shape of Megatron-Core's local GPT layer)."""
     backend = KatLocalSpecProvider()
     norm = backend.layer_norm(rms_norm=True)
+    qk_norm = backend.layer_norm(rms_norm=True, for_qk=True) if qk_layernorm else IdentityOp
     mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=num_experts)
     return ModuleSpec(
         module=TransformerLayer,
@@ -85,8 +86,8 @@ def _local_layer_spec(num_experts: int | None) -> ModuleSpec:
                     linear_qkv=backend.column_parallel_linear(),
                     core_attention=backend.core_attention(),
                     linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -116,8 +117,9 @@ def decoder_block_spec(
             normalization=config.normalization,
             vp_stage=vp_stage,
         )
-    dense = _local_layer_spec(None)
-    moe = _local_layer_spec(config.num_moe_experts) if config.num_moe_experts else None
+    qk = config.qk_layernorm
+    dense = _local_layer_spec(None, qk)
+    moe = _local_layer_spec(config.num_moe_experts, qk) if config.num_moe_experts else None
     specs = (
         [moe if p else dense for p in moe_layer_pattern(config)]
         if moe
@@ -147,9 +149,9 @@ def mtp_block_spec(
         backend = KatLocalSpecProvider()
     # The MTP layer copies the decoder's last layer spec; use a full-model one so that a stage
     # without decoder layers still has a spec to copy.
-    last = _local_layer_spec(None) if not use_te else block.layer_specs[-1]
+    last = _local_layer_spec(None, config.qk_layernorm) if not use_te else block.layer_specs[-1]
     if not use_te and config.num_moe_experts and moe_layer_pattern(config)[-1]:
-        last = _local_layer_spec(config.num_moe_experts)
+        last = _local_layer_spec(config.num_moe_experts, config.qk_layernorm)
     return get_gpt_mtp_block_spec_for_backend(
         config=config, spec=last, backend=backend, vp_stage=vp_stage
     )

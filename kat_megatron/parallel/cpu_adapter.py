@@ -14,6 +14,9 @@ covered by `tests/parallel/test_cpu_adapter.py`:
 - `alltoall_splits`: gloo's `all_to_all_single` needs split sizes as Python lists (MoE dispatch
   passes tensors).
 - `te_general_gemm`: Megatron-Core 0.16.1's router references `te_general_gemm` without TE.
+- `causal_masks`: the default causal and sliding-window masks are built with `device="cuda"`;
+  activation recomputation reruns attention inside an autograd Function, where torch does not
+  apply function modes, so `device_mode` cannot catch these two.
 """
 
 from __future__ import annotations
@@ -194,12 +197,31 @@ def _patch_te_general_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _patch_causal_masks() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @functools.lru_cache(maxsize=32)
+    def default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    def sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+        m = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
+        mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+        return ~torch.tril(mu, diagonal=skv - sq + window_size[1])  # as Megatron-Core's
+
+    for mod in (utils, fused_softmax):
+        mod.get_default_causal_mask = default_causal_mask
+        mod.get_sliding_window_causal_mask = sliding_window_causal_mask
+
+
 PATCHES = {
     "device_mode": _patch_device_mode,
     "cuda_runtime": _patch_cuda_runtime,
     "rng": _patch_rng,
     "alltoall_splits": _patch_alltoall_splits,
     "te_general_gemm": _patch_te_general_gemm,
+    "causal_masks": _patch_causal_masks,
 }
 
 

@@ -119,13 +119,16 @@ class LayoutPlan:
     """Total bytes of each pipeline rank evaluated (the first and the last)."""
 
     def overrides(self, batch: Batch, distributed_optimizer: bool = True) -> list[str]:
-        """`kat train` overrides for this plan (recompute is not a config field yet)."""
-        return [
+        """`kat train` overrides for this plan."""
+        out = [
             *self.layout.overrides(distributed_optimizer),
             f"training.micro_batch_size={batch.micro_batch}",
             f"training.global_batch_size={batch.global_batch}",
             f"data.seq_length={batch.seq_len}",
         ]
+        if self.recompute != "none":
+            out.append(f"training.recompute={self.recompute}")
+        return out
 
 
 @dataclass

@@ -142,13 +142,7 @@ def report(
     )
     for i, p in enumerate(best, 1):
         args = " ".join([*extra_overrides, *p.overrides(o.batch, o.distributed_optimizer)])
-        note = "" if p.recompute == "none" else f"   # needs recompute={p.recompute}"
-        lines.append(f"  {i:>2}: {args}{note}")
-    if any(p.recompute != "none" for p in best):
-        lines.append(
-            "  (recompute is not a kat config field yet; Megatron-Core's recompute_granularity, "
-            "with recompute_method=uniform and recompute_num_layers=1 for full)"
-        )
+        lines.append(f"  {i:>2}: {args}")
     return "\n".join(lines)
 
 

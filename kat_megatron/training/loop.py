@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from kat_megatron.config import KatConfig, config_to_dict, dump_config, format_config
-from kat_megatron.models.builder import build_model, transformer_config
+from kat_megatron.models.builder import build_model, recompute_overrides, transformer_config
 from kat_megatron.parallel.init import initialize
 from kat_megatron.planning.runtime import log_memory_check
 from kat_megatron.training import checkpointing as ckpt
@@ -90,7 +90,11 @@ class Trainer:
         self.dp = initialize(cfg.parallel, cfg.training.seed, cfg.model)
         self.rank = dist.get_rank()
         tcfg = transformer_config(
-            cfg.model, cfg.parallel, cfg.training.precision, calculate_per_token_loss=True
+            cfg.model,
+            cfg.parallel,
+            cfg.training.precision,
+            calculate_per_token_loss=True,
+            **recompute_overrides(cfg.training.recompute, cfg.model),
         )
         chunks = build_model(cfg.model, cfg.parallel, cfg.training.precision, config=tcfg)
         self.model = wrap_ddp(cfg, chunks)

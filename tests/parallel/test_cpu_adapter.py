@@ -103,3 +103,15 @@ def test_refuses_on_cuda_machines(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="must not be applied"):
         cpu_adapter.apply()
+
+
+def test_causal_masks_built_on_cpu_match_megatron_definition():
+    from megatron.core.transformer import utils
+
+    m = utils.get_default_causal_mask(4)
+    assert m.device.type == "cpu" and m.dtype == torch.bool
+    assert torch.equal(m, torch.triu(torch.ones(4, 4), diagonal=1).bool())
+    w = utils.get_sliding_window_causal_mask(5, 5, (2, 0))
+    # row i may attend to keys i-2..i (True = masked)
+    allowed = [[i - 2 <= j <= i for j in range(5)] for i in range(5)]
+    assert torch.equal(~w, torch.tensor(allowed))
