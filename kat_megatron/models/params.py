@@ -10,7 +10,7 @@ of width f has 3*h*f weights, a GELU one 2*h*f; a norm has h weights (RMSNorm) o
 
 - embedding V*h; output layer V*h (0 when tied); final norm one norm.
 - attention per layer: QKV weight h*(n_q + 2*n_kv)*d, QKV bias (n_q + 2*n_kv)*d, proj n_q*d*h.
-- norms per layer: 2 (input and pre-MLP).
+- norms per layer: 2 (input and pre-MLP), plus q and k norms of width d with qk_layernorm.
 - dense MLP per dense layer: 3*h*f. MoE per MoE layer: router E*h, routed experts E*3*h*f_e,
   shared expert 3*h*f_s.
 - MTP per depth: enorm + hnorm + eh_proj (2h*h) + one transformer layer (MoE when the decoder's
@@ -127,7 +127,8 @@ def _layer(model: ModelConfig, moe: bool) -> tuple[dict[str, int], dict[str, int
     tot = dict.fromkeys(COMPONENTS, 0)
     tot["attention_qkv"] = h * qkv_out + (qkv_out if model.add_qkv_bias else 0)
     tot["attention_proj"] = nq * d * h
-    tot["norms"] = 2 * norm
+    qk_norms = 2 * d * (2 if model.normalization == "LayerNorm" else 1) if model.qk_layernorm else 0
+    tot["norms"] = 2 * norm + qk_norms  # input, pre-MLP (+ per-head q and k norms)
     act = dict(tot)
     if not moe:
         tot["dense_mlp"] = act["dense_mlp"] = mlp_mult * h * model.ffn_hidden_size

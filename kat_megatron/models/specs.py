@@ -94,6 +94,17 @@ def _local_layer_spec(num_experts: int | None, qk_layernorm: bool = False) -> Mo
             pre_mlp_layernorm=norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys as the TE spec names them (its norms are fused into the next
+            # linear; an MoE layer's pre-MLP norm stays separate), so checkpoints move between
+            # CPU (local) and GPU (TE) runs.
+            sharded_state_dict_keys_map=(
+                {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+                if num_experts
+                else {
+                    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+                }
+            ),
         ),
     )
 

@@ -40,6 +40,11 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _metadata() -> dict:
+    """A fresh copy: Megatron-Core writes process-group handles into the dict it is given."""
+    return dict(SHARDING_METADATA)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -119,7 +124,7 @@ def _set_rng_state(obj: list[dict]) -> None:
 
 def _model_state(model: list) -> dict[str, Any]:
     """Sharded state of the bare GPTModel chunks (DDP wrapping does not change the keys)."""
-    states = [unwrap_model(c).sharded_state_dict(metadata=SHARDING_METADATA) for c in model]
+    states = [unwrap_model(c).sharded_state_dict(metadata=_metadata()) for c in model]
     if len(states) == 1:
         return {"model": states[0]}
     return {f"model{i}": s for i, s in enumerate(states)}
@@ -154,12 +159,12 @@ def save_checkpoint(
     state = _model_state(model)
     if extra["has_optimizer"]:
         state["optimizer"] = optimizer.sharded_state_dict(
-            _merged_model_state(state), metadata=SHARDING_METADATA
+            _merged_model_state(state), metadata=_metadata()
         )
         state["scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_state()
     state["kat"] = extra
-    dist_checkpointing.save(state, str(tmp), content_metadata=SHARDING_METADATA)
+    dist_checkpointing.save(state, str(tmp), content_metadata=_metadata())
     _fault_point("after_shards", step)
     _barrier()
     if _is_rank0():
@@ -193,7 +198,7 @@ def load_checkpoint(
     if with_optimizer:
         _init_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
-            _merged_model_state(state), is_loading=True, metadata=SHARDING_METADATA
+            _merged_model_state(state), is_loading=True, metadata=_metadata()
         )
     if optimizer is not None:
         state["rng_state"] = _rng_state()

@@ -1,0 +1,94 @@
+"""kat checkpoint -> Hugging Face folder: `kat convert mcore-to-hf --mcore DIR --out DIR`.
+
+One process, no torch.distributed: the checkpoint is read one canonical tensor at a time
+(`McoreReader`), mapped to Hugging Face tensors (`mapping.to_hf`) and streamed into planned
+safetensors shards (`ShardedWriter`), so resident memory stays near the largest tensor. The
+folder is complete for transformers and vLLM: shards + `model.safetensors.index.json`,
+`config.json`, `generation_config.json`, and with `--tokenizer` the tokenizer files carrying the
+AutoThink chat template (or the tokenizer's own with `--chat-template keep`, or a .jinja file).
+It is written as `OUT.tmp` and renamed to `OUT` when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kat_megatron.checkpoint.hf_config import hf_config_for, hf_spec_for
+from kat_megatron.checkpoint.hf_io import ShardedWriter, atomic_dir
+from kat_megatron.checkpoint.mapping import hf_shapes, to_hf
+from kat_megatron.checkpoint.mcore_io import McoreReader
+
+log = logging.getLogger(__name__)
+
+AUTOTHINK_TEMPLATE = (
+    Path(__file__).resolve().parent.parent / "assets" / "chat_templates" / "autothink.jinja"
+)
+
+
+def _chat_template(choice: str) -> str | None:
+    """Template text for `--chat-template` (autothink | keep | FILE); None keeps the tokenizer's."""
+    if choice == "keep":
+        return None
+    path = AUTOTHINK_TEMPLATE if choice == "autothink" else Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template {path} not found")
+    return path.read_text()
+
+
+def save_tokenizer(tokenizer_dir: str | Path, out: Path, chat_template: str) -> dict[str, Any]:
+    """Write the tokenizer files into `out`; returns its bos/eos/pad token ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    template = _chat_template(chat_template)
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(str(out))
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def write_tensors(reader: McoreReader, out: Path, spec, dtype, max_shard_bytes: int) -> int:
+    """Stream every tensor of `reader` into `out` as HF safetensors shards; returns bytes."""
+    model = reader.model
+    plan = [(key, shape, dtype) for key, shape in hf_shapes(model, spec).items()]
+    writer = ShardedWriter(out, plan, max_shard_bytes)
+    for name in tqdm(reader.names(), desc="mcore-to-hf", unit="tensor"):
+        for key, t in to_hf(name, reader.get(name), model, spec):
+            writer.write(key, t.to(dtype))
+    writer.close()
+    return writer.total_size
+
+
+def export_to_hf(
+    mcore: str | Path,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    arch: str | None = None,
+    tokenizer: str | Path | None = None,
+    chat_template: str = "autothink",
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Convert checkpoint `mcore` into Hugging Face folder `out` (see the module docstring)."""
+    from transformers import GenerationConfig
+
+    reader = McoreReader(mcore)
+    spec = hf_spec_for(reader.model, arch)
+    dtype = dtype or reader.dtype
+    with atomic_dir(out, overwrite) as tmp:
+        size = write_tensors(reader, tmp, spec, dtype, max_shard_bytes)
+        ids = save_tokenizer(tokenizer, tmp, chat_template) if tokenizer else {}
+        hf_config_for(reader.model, spec, dtype, ids).save_pretrained(str(tmp))
+        GenerationConfig(**ids).save_pretrained(str(tmp))
+    log.info("wrote %s (%s, %.2f GB of weights)", out, spec.arch, size / 1e9)
+    return Path(out)

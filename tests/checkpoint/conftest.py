@@ -1,0 +1,129 @@
+"""Tiny random Hugging Face models (built with transformers) for the conversion tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random and non-trivial (biases, norms ~ 1 +- 0.5, not ones/zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.5 * noise)
+            else:
+                p.copy_(noise * (0.1 if p.dim() == 1 else 0.05))
+
+
+def save_qwen2(path: Path, seed: int = 0, shard: str = "200KB", **overrides) -> Path:
+    """A random Qwen2ForCausalLM saved (sharded) at `path`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = dict(
+        vocab_size=500,  # not a multiple of 128: the vocabulary gets padded
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = Qwen2ForCausalLM(Qwen2Config(**{**cfg, **overrides}))
+    _randomize(model, seed)
+    model.save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+def save_qwen3_moe(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random Qwen3MoeForCausalLM (qk-norm; first layer dense) saved at `path`."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**cfg, **overrides}))
+    _randomize(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    """dense_a: untied, GQA, padded vocab; dense_b: tied, head_dim 32 != hidden/heads;
+    moe: Qwen3-MoE with qk-norm and a dense first layer."""
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "dense_a": save_qwen2(root / "dense_a", seed=1),
+        "dense_b": save_qwen2(
+            root / "dense_b",
+            seed=2,
+            vocab_size=256,
+            num_hidden_layers=2,
+            head_dim=32,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        ),
+        "moe": save_qwen3_moe(root / "moe", seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def make_qwen2():
+    """`make_qwen2(path, seed=.., **config)`: save a random Qwen2ForCausalLM."""
+    return save_qwen2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: Path, args: list[str], nproc: int, timeout: int = 900):
+    """Run `script ARGS` on `nproc` local gloo ranks; assert it succeeded."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """`torchrun(script, args, nproc)`: run a script on local gloo ranks (see run_torchrun)."""
+    return run_torchrun
