@@ -100,6 +100,7 @@ CASES = {
             untie_embeddings_and_output_weights=False, normalization="LayerNorm", activation="gelu"
         ),
     ),
+    "tiny-dense-qk-norm": ("tiny-dense", dict(qk_layernorm=True, add_qkv_bias=False)),
     "tiny-moe": ("tiny-moe", {}),
     "tiny-moe-mtp1": ("tiny-moe", dict(mtp_num_layers=1)),
     "tiny-moe-mixed-mtp2": (
