@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kat_megatron.utils.io import free_port
 
 
 def under_launcher() -> bool:
@@ -26,7 +21,7 @@ def launch_local(nproc: int, module_args: list[str]) -> int:
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()),
+        "--master-port", str(free_port()),
         "-m", "kat_megatron.cli", *module_args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

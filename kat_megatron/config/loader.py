@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from kat_megatron.config.schema import KatConfig
+from kat_megatron.utils.io import atomic_write_text
 
 _NONE = type(None)
 
@@ -240,18 +240,4 @@ def format_config(cfg: KatConfig) -> str:
 
 def dump_config(cfg: KatConfig, path: str | os.PathLike) -> None:
     """Write `cfg` as YAML to `path` atomically (temp file in the same directory, then rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; a config is meant to be read
-            f.write(format_config(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, format_config(cfg))

@@ -12,7 +12,6 @@ import datetime
 import logging
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -22,14 +21,9 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from kat_megatron.config.schema import ParallelConfig, check_layout
 from kat_megatron.parallel import mcore_compat
+from kat_megatron.utils.io import free_port
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_rank_world() -> tuple[int, int, int]:
@@ -62,7 +56,7 @@ def init_process_group(parallel: ParallelConfig, timeout_s: int = 600) -> tuple[
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if world == 1 and "MASTER_ADDR" not in os.environ:
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     else:
         os.environ.setdefault("MASTER_PORT", "29500")
         init_method = "env://"

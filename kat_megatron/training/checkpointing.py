@@ -32,6 +32,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from kat_megatron.utils.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -52,17 +54,6 @@ def _barrier() -> None:
 
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from kat_megatron.utils.io import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,12 +98,6 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 def make_qwen2():
     """`make_qwen2(path, seed=.., **config)`: save a random Qwen2ForCausalLM."""
     return save_qwen2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_torchrun(script: Path, args: list[str], nproc: int, timeout: int = 900):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +27,10 @@ from kat_megatron.config import load_config  # noqa: E402
 from kat_megatron.planning.inventory import expand, stage_inventory  # noqa: E402
 from kat_megatron.planning.layout import Layout  # noqa: E402
 from kat_megatron.planning.static import static_memory  # noqa: E402
+from kat_megatron.utils.io import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RANKS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def measured(tmp_path_factory) -> dict[str, list[dict]]:
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(RANKS),
         "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()),
+        "--master-port", str(free_port()),
         str(REPO / "tests" / "planning" / "measure_static.py"),
         "--out", str(out), *CASES,
     ]  # fmt: skip

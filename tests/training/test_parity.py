@@ -14,7 +14,6 @@ moves the loss by 1e-3 or more within one step. The same runs feed the reshard-o
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import yaml
 
 from kat_megatron.training.checkpointing import latest_checkpoint
+from kat_megatron.utils.io import free_port
 
 pytestmark = pytest.mark.timeout(1800)  # the module fixture runs ~20 trainings
 
@@ -125,7 +125,7 @@ def _dump_logits(config: Path, ckpt: Path, out: Path, nproc: int, overrides: lis
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         str(repo / "tools" / "dump_logits.py"),
         str(config),
         "--ckpt",
@@ -144,12 +144,6 @@ def _dump_logits(config: Path, ckpt: Path, out: Path, nproc: int, overrides: lis
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from kat_megatron.data.chat_template import validate_messages
+from kat_megatron.utils.io import atomic_write_text  # noqa: F401 (re-exported)
 
 KNOWN_FIELDS = ("id", "query", "messages", "reference", "verifier")
 CARRIED_FIELDS = ("intent", "p_on", "p_off", "votes", "judge_vote", "unsolved")
@@ -121,23 +122,6 @@ def read_records(
             seen[rec.id] = lineno
             records.append(rec)
     return records, malformed
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
