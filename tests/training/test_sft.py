@@ -4,8 +4,9 @@
   attention mask) gives, on the assistant tokens, the same per-token losses as each document run
   alone with the plain causal mask. Tolerance 1e-5 absolute: fp32 attention over a different
   number of (exactly zero-weighted, masked) keys changes only summation order.
-- TP=2 vs TP=1: 8 steps of `kat train` with stage sft give the same losses (relative 1e-5, the
-  bound and argument of tests/training/test_parity.py).
+- Layouts: 6 steps of `kat train` with stage sft on tiny-moe from one initial checkpoint give the
+  same losses at TP=2, PP=2 and EP=2 as on one rank (relative 1e-5, the bound and argument of
+  tests/training/test_parity.py).
 """
 
 from __future__ import annotations
@@ -89,26 +90,31 @@ def test_packed_rows_match_unpacked_documents(tmp_path):
         shutdown()
 
 
-def test_sft_tp2_matches_tp1(tmp_path, kat, metrics):
+def test_sft_layouts_match_one_rank(tmp_path, kat, metrics):
+    """tiny-moe SFT from one initial checkpoint: TP=2, PP=2 and EP=2 reproduce one rank."""
     chats = write_chats(tmp_path / "chats.jsonl", 64, seed=1)
     cfg = {
         "stage": "sft",
-        "model": {"preset": "tiny-dense"},
+        "model": {"preset": "tiny-moe"},
         "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1},
-        "training": {"steps": 8, "micro_batch_size": 2, "global_batch_size": 4},
+        "training": {"steps": 6, "micro_batch_size": 2, "global_batch_size": 4},
         "data": {"jsonl": [str(chats)], "seq_length": 128},
         "checkpoint": {"save": False},
         "logging": {"tensorboard": False},
     }
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    proc = kat(["train", str(config), f"run.dir={tmp_path / 'tp1'}"])
+    init = tmp_path / "init"
+    kat(["train", str(config), f"run.dir={init}", "training.steps=0", "checkpoint.save=true"])
+    load = f"checkpoint.load={init / 'checkpoints' / 'iter_0000000'}"
+    proc = kat(["train", str(config), f"run.dir={tmp_path / 'base'}", load])
     assert "skipped 1 malformed chat record" in proc.stderr
-    kat(["train", str(config), f"run.dir={tmp_path / 'tp2'}", "parallel.tp=2"], nproc=2)
-    base = [r["loss"] for r in metrics(tmp_path / "tp1")]
-    tp2 = [r["loss"] for r in metrics(tmp_path / "tp2")]
-    assert len(base) == len(tp2) == 8
-    rel = max(abs(a - b) / abs(a) for a, b in zip(base, tp2))
-    print(f"SFT TP2 vs TP1: max relative loss difference {rel:.2e}; losses {base}")
-    assert rel <= 1e-5
-    assert base[-1] < base[0]  # it learns
+    base = [r["loss"] for r in metrics(tmp_path / "base")]
+    assert len(base) == 6 and base[-1] < base[0]  # it learns
+    for layout in ("parallel.tp=2", "parallel.pp=2", "parallel.ep=2"):
+        run = tmp_path / layout.replace("=", "")
+        kat(["train", str(config), f"run.dir={run}", load, layout], nproc=2)
+        other = [r["loss"] for r in metrics(run)]
+        rel = max(abs(a - b) / abs(a) for a, b in zip(base, other))
+        print(f"SFT {layout} vs one rank: max relative loss difference {rel:.2e}")
+        assert len(other) == 6 and rel <= 1e-5, (base, other)
