@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from kat_megatron.config.schema import KatConfig
+from kat_megatron.utils.io import atomic_write_text
 
 log = logging.getLogger("kat")
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Drop rows of steps after `step` (and lines torn by a crash) before a resumed run appends."""
     if not path.exists():
         return
     keep = []
@@ -28,9 +29,7 @@ def _truncate_after(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by a crash
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
 class MetricsLogger:
