@@ -201,8 +201,7 @@ def _patch_causal_masks() -> None:
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils
 
-    @functools.lru_cache(maxsize=32)
-    def default_causal_mask(sq: int) -> torch.Tensor:
+    def default_causal_mask(sq: int) -> torch.Tensor:  # uncached, as Megatron-Core's
         return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
 
     def sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
