@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,15 +28,27 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 def run_kat(
-    args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None, check: bool = True
+    args: list[str],
+    nproc: int = 1,
+    timeout: int = 300,
+    env: dict | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Run `kat ARGS --nproc N` (the real CLI, real gloo ranks) and return the finished process."""
+    """Run `kat ARGS --nproc N` (the real CLI, real gloo ranks) and return the finished process.
+
+    Output goes through files, not pipes, so that a stray grandchild holding them open cannot
+    stall the test after the command itself has ended.
+    """
     cmd = [sys.executable, "-m", "kat_megatron.cli", *args, "--nproc", str(nproc)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
     full_env.update(env or {})
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(
+            cmd, cwd=REPO, env=full_env, stdout=out, stderr=err, timeout=timeout
+        ).returncode
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
     if check and proc.returncode != 0:
         errors = [x for x in proc.stderr.splitlines() if "Error" in x or "error:" in x][:20]
         raise AssertionError(

@@ -235,6 +235,12 @@ def _fault_point(name: str, step: int) -> None:
     spec = os.environ.get("KAT_FAULT_INJECT")
     if spec and spec == f"{name}:{step}":
         log.error("KAT_FAULT_INJECT: dying at %s of step %d", name, step)
+        import multiprocessing
+
+        # Die like a crashed rank, and take the save's helper processes along: an orphaned
+        # helper would keep the launcher's output pipes open.
+        for child in multiprocessing.active_children():
+            child.kill()
         os._exit(17)
 
 
