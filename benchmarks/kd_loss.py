@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from kat_megatron.utils.io import free_port
 
 MB = 1024 * 1024
 
@@ -151,9 +152,7 @@ def main() -> None:
         p.error("--vocab must be divisible by --tp")
     if "RANK" in os.environ:
         return rank_main(args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.tp),
            "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, *sys.argv[1:]]  # fmt: skip
     # Every allocation >= 64 KiB from mmap, returned on free: RSS follows live tensors.

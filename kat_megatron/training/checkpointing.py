@@ -194,11 +194,8 @@ def load_checkpoint(
     if optimizer is not None:
         state["rng_state"] = _rng_state()
     loaded = dist_checkpointing.load(state, str(path))
-    for key, chunk in (
-        (("model", model[0]),)
-        if len(model) == 1
-        else ((f"model{i}", c) for i, c in enumerate(model))
-    ):
+    for i, chunk in enumerate(model):
+        key = "model" if len(model) == 1 else f"model{i}"  # as _model_state names them
         unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])

@@ -11,7 +11,6 @@ bound): both sides round log-sum-exps of magnitude ~5 (unit-scale logits, V = 96
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from kat_megatron.losses.vocab_parallel import (
     vocab_parallel_ce_kl,
     vocab_parallel_topk,
 )
+from kat_megatron.utils.io import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -137,9 +137,7 @@ def tp_results(tmp_path_factory):
     """Run tp_kd_worker.py on TP=2 gloo ranks once; {rank: results} and the full inputs."""
     out = tmp_path_factory.mktemp("tp_kd")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(TP),
            "--master-addr", "127.0.0.1", "--master-port", str(port),
            str(Path(W.__file__)), str(out)]  # fmt: skip
