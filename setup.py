@@ -27,6 +27,7 @@ setup(
         "jinja2",
         "datasets",
         "math-verify[antlr4_13_2]",
+        "matplotlib",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

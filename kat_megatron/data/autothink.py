@@ -253,3 +253,15 @@ def strip_reasoning(text: str) -> tuple[str | None, str]:
     if span is None or THINK_CLOSE not in text:
         return None, text
     return span[0].strip(), text[span[1] :].strip()
+
+
+def forced_mode_prefix(mode: str, judge: str = "I will decide how to answer this query.") -> str:
+    """Text to append after the chat template's generation prompt to force `mode`.
+
+    The model then continues inside `<think>` (think_on) or `<answer>` (think_off); prepend
+    `GENERATION_PREFIX` to prefix + continuation to get a full answer for the parsers.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    opener = THINK_OPEN if mode == "think_on" else ANSWER_OPEN
+    return f"{judge}\n{JUDGE_CLOSE}\n\n{MODE_TOKENS[mode]}\n{opener}\n"

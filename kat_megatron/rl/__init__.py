@@ -1,0 +1,1 @@
+"""Step-SRPO / GRPO reinforcement learning: rollout engine, rewards, advantages, trainer, serve."""

@@ -1,0 +1,54 @@
+"""Types shared by the rollout engine, the RL trainer, `kat serve` and `kat eval`.
+
+Pure data: no torch.distributed, no Megatron-Core imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to sample continuations (the OpenAI / vLLM names where they exist)."""
+
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    max_new_tokens: int = 128
+    stop_strings: list[str] = field(default_factory=list)
+    """Generation of a sequence ends once its decoded continuation contains one of these; the
+    returned text and tokens are cut after the stop string's token."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Generation of a sequence ends at one of these ids (the id is kept in `token_ids`)."""
+    seed: int | None = None
+    """Seed of the sampling generator (identical on every TP rank); None: from the engine."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    """One generated continuation of one prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Generated ids only (not the prompt); includes the stop token when one ended it."""
+    logprobs: list[float]
+    """log p(token_ids[i] | prompt, token_ids[:i]) under the model's raw distribution
+    (temperature 1, no top-k/top-p filtering): what the trainer recomputes for the ratio."""
+    text: str
+    """Decoded `token_ids` (special tokens kept)."""
+    finish_reason: str
+    """"stop" (stop token or string) or "length" (max_new_tokens reached)."""
