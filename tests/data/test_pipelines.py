@@ -275,3 +275,46 @@ def test_prefill_sampling_and_cli_errors(server, tmp_path, capsys):
     assert "think_on.temperature=9.0: expected 0..2" in capsys.readouterr().err
     assert main(["data", "synthesize", str(cfg_path)]) == 2
     assert "unknown key 'samples_per_mode'" in capsys.readouterr().err
+
+
+def test_solver_reasoning_no_critic_and_template_judge(server, tmp_path):
+    """thinker/critic null: the solver's `reasoning_content` is the think text and the verified
+    answer is the only gate; judge_writer null: the judge is `judge_template`; `extra_body`
+    fields reach the request body."""
+    seen = []
+    inner = server.script
+
+    def spy(path, body):
+        seen.append(body)
+        return inner(path, body)
+
+    server.script = spy
+    rows = [
+        {"id": "a", "query": "Compute 17 * 23.", "reference": "391", "verifier": "math",
+         "mode": "think_on", "intent": "math"},
+        {"id": "b", "query": "Prove that 1 = 2.", "reference": "0", "verifier": "math",
+         "mode": "think_on"},
+    ]  # fmt: skip
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _base(server, inp, tmp_path / "syn")
+    extra = {"chat_template_kwargs": {"think_mode": "think_on"}}
+    cfg.update(solver={"model": "on-teacher", "extra_body": extra}, thinker=None, critic=None)
+    syn = _run("synthesize", cfg)
+    (kept,) = _jsonl(tmp_path / "syn" / "data.jsonl")
+    assert (kept["think"], kept["answer"]) == ("Let me work it out.", "The answer is \\boxed{391}.")
+    assert kept["critic_scores"] == [] and kept["rounds"] == 1
+    assert syn["rejected_reasons"] == {"no verified solver answer": 1}
+    assert all(b["chat_template_kwargs"] == {"think_mode": "think_on"} for b in seen)
+
+    cs_cfg = _base(server, tmp_path / "syn" / "data.jsonl", tmp_path / "cs")
+    cs_cfg.update(judge_writer=None)
+    before = server.answered
+    _run("coldstart", cs_cfg)
+    assert server.answered == before  # no model call at all
+    (ex,) = _jsonl(tmp_path / "cs" / "data.jsonl")
+    judge = parse_strict(ex["messages"][-1]["content"]).judge
+    assert judge == (
+        "This is a math query that needs careful step-by-step reasoning, so I will think step "
+        "by step (think-on)."
+    )

@@ -42,7 +42,10 @@ def _writer() -> RoleConfig:
 class ColdstartConfig(PipelineConfig):
     """`kat data coldstart`: judge writing and intent classes."""
 
-    judge_writer: RoleConfig = field(default_factory=_writer)
+    judge_writer: RoleConfig | None = field(default_factory=_writer)
+    """Writes the judge text; null: `judge_template` filled with the intent and decision."""
+    judge_template: str = "This is a {intent} query that {why}, so I will {decision}."
+    """Judge text when `judge_writer` is null. Fields: intent, decision, why."""
     intent_classifier: RoleConfig | None = None
     """Model that names the intent of records without one; None: such records get "other"."""
     intents: list[str] = field(default_factory=lambda: list(DEFAULT_INTENTS))
@@ -59,6 +62,12 @@ class ColdstartConfig(PipelineConfig):
             self.intents = [*self.intents, "other"]
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts={self.max_attempts}: expected >= 1")
+        try:
+            self.judge_template.format(intent="x", decision="x", why="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"judge_template: expected fields among {{intent}}, {{decision}}, {{why}}: {err}"
+            ) from err
 
 
 def record_mode(rec: InputRecord, margin: float) -> str | None:
@@ -97,6 +106,8 @@ def write_judge(
     """Judge text for (query, intent, mode), or None after `max_attempts` unusable answers."""
     cfg: ColdstartConfig = ctx.cfg
     decision, why = prompts.DECISIONS[mode]
+    if cfg.judge_writer is None:
+        return cfg.judge_template.format(intent=intent, decision=decision, why=why)
     ask = (cfg.judge_writer.prompt or prompts.JUDGE_WRITER_PROMPT).format(
         query=rec.query, intent=intent, decision=decision, why=why
     )

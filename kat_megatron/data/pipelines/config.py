@@ -38,6 +38,9 @@ class RoleConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 4096
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """Extra request fields sent as they are, e.g. `{"chat_template_kwargs": {"think_mode":
+    "think_on"}}` for `kat serve` (as vLLM's `chat_template_kwargs`)."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -56,6 +59,7 @@ class RoleConfig:
             "top_p": self.top_p,
             "max_tokens": self.max_tokens,
             "seed": seed,
+            **self.extra_body,
         }
 
 

@@ -49,8 +49,12 @@ class SynthesizeConfig(PipelineConfig):
     mode: str = "from_record"
     """from_record (the record's `mode` field), think_on or think_off (all records)."""
     solver: RoleConfig = field(default_factory=_reasoner)
-    thinker: RoleConfig = field(default_factory=_reasoner)
-    critic: RoleConfig = field(default_factory=_critic)
+    thinker: RoleConfig | None = field(default_factory=_reasoner)
+    """Writes the reasoning for the solver's verified answer; null: the solver's own reasoning
+    (`reasoning_content`, e.g. an R1-style model or `kat serve` of an AutoThink model in
+    think-on) is the think text."""
+    critic: RoleConfig | None = field(default_factory=_critic)
+    """Scores the reasoning 0-10; null: no critic (the verified answer is the only gate)."""
     direct: RoleConfig = field(default_factory=_direct)
     critic_threshold: float = 7.0
     """Minimum critic score (0-10) to keep a think-on response."""
@@ -90,8 +94,9 @@ def _record_mode(cfg: SynthesizeConfig, rec: InputRecord) -> str:
 
 def _solve(
     ctx: PipelineContext, rec: InputRecord, role: RoleConfig, i: int, tag: str, ev: Counter
-) -> str | None:
-    """One answer from `role`, or None when malformed or (with a reference) wrong."""
+) -> tuple[str | None, str | None]:
+    """(answer, the role's reasoning) from `role`; answer None when malformed or (with a
+    reference) wrong."""
     out = ctx.ask(role, sample_messages(rec, ctx.cfg.answer_hints), i, tag)
     answer = _clean(out.text)
     if answer is None:
@@ -101,28 +106,40 @@ def _solve(
     ):
         ev[f"{tag.split('/')[-1]}_wrong"] += 1
         answer = None
-    return answer
+    return answer, out.reasoning
+
+
+def _write_think(
+    ctx: PipelineContext, rec: InputRecord, answer: str, reasoning: str | None, critique, r: int
+) -> str | None:
+    """The think text: the thinker's (with the last critique), or the solver's reasoning."""
+    cfg: SynthesizeConfig = ctx.cfg
+    if cfg.thinker is None:
+        return _clean(reasoning or "")
+    feedback = prompts.THINKER_FEEDBACK.format(critique=critique) if critique else ""
+    ask = (cfg.thinker.prompt or prompts.THINKER_PROMPT).format(
+        query=rec.query, answer=answer, feedback=feedback
+    )
+    out = ctx.ask(cfg.thinker, [{"role": "user", "content": ask}], r, "synthesize/thinker")
+    return _clean(out.text or out.reasoning or "")
 
 
 def _think_on(ctx: PipelineContext, rec: InputRecord) -> Outcome:
     cfg: SynthesizeConfig = ctx.cfg
     ev: Counter = Counter()
-    answer = think = critique = None
+    answer = think = critique = reasoning = None
     scores: list[float | None] = []
     for r in range(cfg.max_rounds):
-        if answer is None:
-            answer = _solve(ctx, rec, cfg.solver, r, "synthesize/solver", ev)
+        if answer is None or cfg.thinker is None:
+            answer, reasoning = _solve(ctx, rec, cfg.solver, r, "synthesize/solver", ev)
             if answer is None:
                 continue
-        feedback = prompts.THINKER_FEEDBACK.format(critique=critique) if critique else ""
-        ask = (cfg.thinker.prompt or prompts.THINKER_PROMPT).format(
-            query=rec.query, answer=answer, feedback=feedback
-        )
-        out = ctx.ask(cfg.thinker, [{"role": "user", "content": ask}], r, "synthesize/thinker")
-        think = _clean(out.text or out.reasoning or "")
+        think = _write_think(ctx, rec, answer, reasoning, critique, r)
         if think is None:
             ev["malformed_outputs"] += 1
             continue
+        if cfg.critic is None:
+            return Outcome("kept", _row(ctx, rec, "think_on", think, answer, [], r + 1), None, ev)
         ask = (cfg.critic.prompt or prompts.CRITIC_PROMPT).format(
             query=rec.query, reasoning=think, answer=answer
         )
@@ -135,7 +152,12 @@ def _think_on(ctx: PipelineContext, rec: InputRecord) -> Outcome:
                 "kept", _row(ctx, rec, "think_on", think, answer, scores, r + 1), None, ev
             )
     row = _row(ctx, rec, "think_on", think, answer, scores, cfg.max_rounds)
-    reason = "no verified solver answer" if answer is None else "critic score below threshold"
+    if answer is None:
+        reason = "no verified solver answer"
+    elif think is None:
+        reason = "no usable reasoning"
+    else:
+        reason = "critic score below threshold"
     return Outcome("rejected", row, reason, ev)
 
 
@@ -143,7 +165,7 @@ def _think_off(ctx: PipelineContext, rec: InputRecord) -> Outcome:
     cfg: SynthesizeConfig = ctx.cfg
     ev: Counter = Counter()
     for k in range(cfg.direct_samples):
-        answer = _solve(ctx, rec, cfg.direct, k, "synthesize/direct", ev)
+        answer, _ = _solve(ctx, rec, cfg.direct, k, "synthesize/direct", ev)
         if answer is not None:
             return Outcome("kept", _row(ctx, rec, "think_off", None, answer, [], k + 1), None, ev)
     row = _row(ctx, rec, "think_off", None, None, [], cfg.direct_samples)
