@@ -1,0 +1,172 @@
+"""Lockstep generation for `kat serve`: rank 0 queues requests, every TP rank runs `generate`.
+
+`kat serve --ckpt DIR --nproc 2` runs one `LockstepService` per rank. HTTP threads on rank 0
+`submit(...)` work and block until it is done. Rank 0's `run()` loop takes whatever is queued,
+merges requests with the same sampling parameters (each keeps its own seeds) into one
+`RolloutEngine.generate` call, and broadcasts the batch to the other ranks, whose `run()` loop
+receives it and calls `generate` with the same arguments (the engine is collective over TP).
+When idle, rank 0 broadcasts an empty batch every `heartbeat_s` so that the other ranks' waits
+never reach the process group's timeout. `request_stop()` (safe in a signal handler: it only
+sets a flag) makes rank 0 finish the batch in progress, fail queued work, broadcast "stop", and
+every rank's `run()` return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from kat_megatron.rl.types import Completion, SamplingParams
+
+log = logging.getLogger("kat")
+
+
+class ServiceStopped(RuntimeError):
+    """The service is shutting down; the work was not run."""
+
+
+@dataclass
+class _Job:
+    prompts: list[list[int]]
+    params: SamplingParams
+    seeds: list[int]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[Completion] | None = None
+    error: BaseException | None = None
+
+
+def _params_key(params: SamplingParams) -> str:
+    """Requests whose parameters agree on everything but the seed share a generate call."""
+    return json.dumps(dataclasses.asdict(dataclasses.replace(params, seed=None)), sort_keys=True)
+
+
+class LockstepService:
+    """See the module docstring. `engine` is this rank's `RolloutEngine`."""
+
+    def __init__(self, engine, poll_s: float = 0.05, heartbeat_s: float = 1.0) -> None:
+        self.engine = engine
+        self.poll_s = poll_s
+        self.heartbeat_s = heartbeat_s
+        self.stop_requested = False
+        self.closed = False
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._world = dist.get_world_size() if dist.is_initialized() else 1
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
+        self.batches = 0
+
+    @property
+    def leader(self) -> bool:
+        return self._rank == 0
+
+    def request_stop(self, *_: object) -> None:
+        """Ask for a clean shutdown (also usable as a signal handler)."""
+        self.stop_requested = True
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):
+        """Rank 0, any thread: run `generate(prompts, params, seeds=seeds)`; blocks for it."""
+        if self.stop_requested:
+            raise ServiceStopped("server is shutting down")
+        job = _Job(prompts, params, seeds)
+        self._queue.put(job)
+        while not job.done.wait(0.5):
+            if self.closed:  # queued after rank 0's last look at the queue
+                raise ServiceStopped("server is shutting down")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def run(self) -> None:
+        """Every rank: serve until a stop (rank 0 decides it; the others follow)."""
+        if self.leader:
+            try:
+                self._lead()
+            finally:
+                self.closed = True
+                self._fail_queued()
+        else:
+            self._follow()
+            self.closed = True
+
+    # --------------------------------------------------------------------------- internals
+    def _take(self) -> list[_Job]:
+        jobs = []
+        try:
+            jobs.append(self._queue.get(timeout=self.poll_s))
+            while True:
+                jobs.append(self._queue.get_nowait())
+        except queue.Empty:
+            return jobs
+
+    def _broadcast(self, message: tuple) -> tuple:
+        if self._world > 1:
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        return message
+
+    def _lead(self) -> None:
+        last = time.monotonic()
+        while True:
+            jobs = [] if self.stop_requested else self._take()
+            if self.stop_requested:
+                for job in jobs:
+                    job.error = ServiceStopped("server is shutting down")
+                    job.done.set()
+                self._broadcast(("stop", []))
+                return
+            if not jobs and time.monotonic() - last < self.heartbeat_s:
+                continue
+            groups: dict[str, list[_Job]] = {}
+            for job in jobs:
+                groups.setdefault(_params_key(job.params), []).append(job)
+            batch = [
+                ([p for j in js for p in j.prompts], js[0].params, [s for j in js for s in j.seeds])
+                for js in groups.values()
+            ]
+            self._broadcast(("work", batch))
+            last = time.monotonic()
+            for js, (prompts, params, seeds) in zip(groups.values(), batch):
+                self._run_group(js, prompts, params, seeds)
+
+    def _run_group(self, jobs: list[_Job], prompts, params, seeds) -> None:
+        try:
+            out = self.engine.generate(prompts, params, seeds=seeds)
+        except ValueError as err:  # raised before any collective, identically on every rank
+            for job in jobs:
+                job.error = err
+                job.done.set()
+            return
+        self.batches += 1
+        at = 0
+        for job in jobs:
+            job.result = out[at : at + len(job.prompts)]
+            at += len(job.prompts)
+            job.done.set()
+
+    def _follow(self) -> None:
+        while True:
+            kind, batch = self._broadcast((None, None))
+            if kind == "stop":
+                return
+            for prompts, params, seeds in batch:
+                try:
+                    self.engine.generate(prompts, params, seeds=seeds)
+                except ValueError:
+                    pass  # rank 0 got the same error and reports it
+                self.batches += 1
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            job.error = ServiceStopped("server is shutting down")
+            job.done.set()

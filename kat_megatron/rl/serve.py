@@ -1,0 +1,400 @@
+"""OpenAI-compatible HTTP server on the rollout engine: `kat serve --ckpt DIR [--nproc N] [--port P]`.
+
+Endpoints (JSON; loopback by default, no authentication):
+- `POST /v1/completions`: `prompt` (a string, a list of strings, token ids or lists of them),
+  `max_tokens` (16), `temperature` (1), `top_p` (1), `top_k` (0 = off; vLLM extension),
+  `n` (1), `stop` (string or list), `stop_token_ids` (vLLM extension), `seed`, `logprobs`
+  (any non-null value returns `tokens`, `token_logprobs` and `text_offset`; `top_logprobs` is
+  null: alternatives are not computed), `ignore_eos`, `return_token_ids` (adds
+  `choices[i].token_ids`, as vLLM). `echo` and `stream` are refused.
+- `POST /v1/chat/completions`: `messages` rendered with the AutoThink chat template and its
+  generation prompt; the reply `content` is the model's continuation after
+  `<|im_start|>assistant\\n<judge>\\n`. With `continue_final_message: true` (vLLM's name) a final
+  assistant message is a prefill that the model continues (its text may start with `<judge>`).
+  `logprobs: true` returns `choices[i].logprobs.content[j] = {token, logprob, bytes,
+  top_logprobs: []}`. `max_tokens`/`max_completion_tokens` default to the context left.
+- `GET /v1/models`, `GET /health`.
+Generation stops at `<|im_end|>` and `<|endoftext|>` (unless `ignore_eos`), at `stop_token_ids`
+and at `stop` strings; the returned text excludes the stop token and is cut before a stop string
+(OpenAI semantics). Request `seed` s gives sample j the generator seed `request_seed(s, j)`, so a
+request's answer does not depend on what it is batched with; without a seed one is drawn.
+The `model` field of requests is not checked (one model is served).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from kat_megatron.data.autothink import (
+    GENERATION_PREFIX,
+    MODES,
+    forced_mode_prefix,
+    parse_lenient,
+)
+from kat_megatron.data.chat_template import render_chat, validate_messages
+from kat_megatron.rl.engine_service import LockstepService, ServiceStopped
+from kat_megatron.rl.sampling import cut_at_stop, request_seed
+from kat_megatron.rl.types import Completion, SamplingParams
+
+log = logging.getLogger("kat")
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+REASONING_PARSERS = ("none", "autothink")
+
+
+class BadRequest(ValueError):
+    """A client error: answered with HTTP 400."""
+
+
+def _field(body: dict, name: str, kind, default, check=None, what: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BadRequest(f"{name}: expected {kind.__name__}, got {value!r}")
+    if check is not None and not check(value):
+        raise BadRequest(f"{name}: expected {what}, got {value!r}")
+    return value
+
+
+@dataclass
+class Request:
+    """A parsed request: prompts (one per sample), sampling, and how to answer."""
+
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    seeds: list[int]
+    logprobs: bool
+    chat: bool
+    token_ids: bool = False
+    prefill: str = ""
+    """Answer text already in the prompt (a forced mode's prefix) for the reasoning parser."""
+
+
+class OpenAIProtocol:
+    """Translates OpenAI request bodies to engine calls and completions back to responses."""
+
+    def __init__(
+        self, tokenizer, max_sequence_length: int, model_name: str, reasoning_parser: str = "none"
+    ) -> None:
+        if reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser: expected one of {REASONING_PARSERS}, got {reasoning_parser!r}"
+            )
+        self.reasoning_parser = reasoning_parser
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+        self.model_name = model_name
+        self.end_ids = [i for t in END_TOKENS if (i := tokenizer.convert_tokens_to_ids(t)) is not None
+                        and i != tokenizer.unk_token_id]  # fmt: skip
+
+    def encode(self, text: str) -> list[int]:
+        from kat_megatron.data.tokenizer import encode_text
+
+        return encode_text(self.tokenizer, text)
+
+    @staticmethod
+    def _think_mode(body: dict) -> str | None:
+        """`chat_template_kwargs.think_mode`: think_on / think_off force a mode; auto: none."""
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise BadRequest("chat_template_kwargs: expected an object")
+        mode = kwargs.get("think_mode", "auto")
+        if mode not in ("auto", *MODES):
+            raise BadRequest(f"chat_template_kwargs.think_mode: expected auto, think_on or "
+                             f"think_off, got {mode!r}")  # fmt: skip
+        return None if mode == "auto" else mode
+
+    def _prompts(self, body: dict, chat: bool) -> list[list[int]]:
+        if chat:
+            messages = body.get("messages")
+            try:
+                validate_messages(messages)
+            except ValueError as err:
+                raise BadRequest(str(err)) from None
+            if body.get("continue_final_message") and messages[-1]["role"] == "assistant":
+                prefill = messages[-1]["content"]
+                head = render_chat(messages[:-1], add_generation_prompt=True)
+                if prefill.startswith(GENERATION_PREFIX.strip()):
+                    head = head[: -len(GENERATION_PREFIX)]
+                return [self.encode(head + prefill)]
+            mode = self._think_mode(body)
+            prefix = forced_mode_prefix(mode) if mode else ""
+            return [self.encode(render_chat(messages, add_generation_prompt=True) + prefix)]
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return [self.encode(prompt)]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return [self.encode(p) for p in prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+            return [list(p) for p in prompt]
+        raise BadRequest("prompt: expected a string, a list of strings, or token ids")
+
+    def parse(self, body: Any, chat: bool) -> Request:
+        """Validate `body`; raise BadRequest naming the field on bad input."""
+        if not isinstance(body, dict):
+            raise BadRequest("expected a JSON object")
+        for name in ("stream", "echo"):
+            if body.get(name):
+                raise BadRequest(f"{name}: not supported by kat serve")
+        prompts = self._prompts(body, chat)
+        for p in prompts:
+            if not p or len(p) >= self.max_sequence_length:
+                raise BadRequest(
+                    f"prompt: {len(p)} tokens; expected 1..{self.max_sequence_length - 1}"
+                )
+        default_max = self.max_sequence_length if chat else 16
+        max_tokens = _field(body, "max_completion_tokens", int, None, lambda v: v >= 1, ">= 1")
+        max_tokens = max_tokens or _field(
+            body, "max_tokens", int, default_max, lambda v: v >= 1, ">= 1"
+        )
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise BadRequest("stop: expected a string or a list of strings")
+        stop_ids = _field(body, "stop_token_ids", list, [])
+        if not all(isinstance(i, int) for i in stop_ids):
+            raise BadRequest("stop_token_ids: expected a list of integers")
+        if not _field(body, "ignore_eos", bool, False):
+            stop_ids = [*stop_ids, *self.end_ids]
+        top_k = _field(body, "top_k", int, 0, lambda v: v >= -1, ">= -1")
+        try:
+            params = SamplingParams(
+                temperature=_field(body, "temperature", float, 1.0),
+                top_p=_field(body, "top_p", float, 1.0),
+                top_k=max(top_k, 0),
+                max_new_tokens=max_tokens,
+                stop_strings=stop,
+                stop_token_ids=stop_ids,
+            )
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        n = _field(body, "n", int, 1, lambda v: 1 <= v <= 128, "1..128")
+        seed = _field(body, "seed", int, None)
+        seed = random.getrandbits(63) if seed is None else seed
+        seeds = [request_seed(seed, j) for j in range(n)] * len(prompts)
+        chat_lp = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        mode = self._think_mode(body) if chat and not body.get("continue_final_message") else None
+        return Request(
+            [p for p in prompts for _ in range(n)], n, params, seeds, chat_lp, chat,
+            token_ids=bool(body.get("return_token_ids")),
+            prefill=forced_mode_prefix(mode) if mode else "",
+        )  # fmt: skip
+
+    def _finish(self, c: Completion, params: SamplingParams) -> tuple[list[int], str]:
+        """Token ids and text the client sees: no final stop token, cut before stop strings."""
+        ids = c.token_ids
+        if c.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids:
+            ids = ids[:-1]
+        text = cut_at_stop(self.tokenizer.decode(ids), params.stop_strings)
+        return ids, text
+
+    def _logprobs(self, c: Completion, ids: list[int], chat: bool) -> dict:
+        pieces = [self.tokenizer.decode([i]) for i in ids]
+        if chat:
+            content = [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                        "top_logprobs": []} for t, lp in zip(pieces, c.logprobs)]  # fmt: skip
+            return {"content": content}
+        offsets, at = [], 0
+        for t in pieces:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": pieces, "token_logprobs": c.logprobs[: len(ids)],
+                "top_logprobs": None, "text_offset": offsets}  # fmt: skip
+
+    def _message(self, text: str) -> dict[str, Any]:
+        """The assistant message; with the autothink reasoning parser (as vLLM's
+        `--reasoning-parser`), `content` is the answer, `reasoning_content` the think text, and
+        `autothink` holds the judge, the mode and whether the strict parser accepted it."""
+        if self.reasoning_parser == "none":
+            return {"role": "assistant", "content": text}
+        parsed = parse_lenient(GENERATION_PREFIX + text)
+        return {
+            "role": "assistant",
+            "content": parsed.answer,
+            "reasoning_content": parsed.think,
+            "autothink": {"judge": parsed.judge, "mode": parsed.mode,
+                          "well_formed": parsed.well_formed},
+        }  # fmt: skip
+
+    def response(self, req: Request, outs: list[Completion]) -> dict:
+        """The OpenAI response object for `req`'s completions."""
+        choices = []
+        for i, c in enumerate(outs):
+            ids, text = self._finish(c, req.params)
+            choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason}
+            if req.chat:
+                choice["message"] = self._message(req.prefill + text)
+            else:
+                choice["text"] = text
+            choice["logprobs"] = self._logprobs(c, ids, req.chat) if req.logprobs else None
+            if req.token_ids:
+                choice["token_ids"] = ids
+            choices.append(choice)
+        prompt_tokens = sum(len(p) for p in req.prompts[:: req.n])
+        completion_tokens = sum(len(c.token_ids) for c in outs)
+        return {
+            "id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if req.chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },  # fmt: skip
+        }
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                "owned_by": "kat", "max_model_len": self.max_sequence_length}]}  # fmt: skip
+
+
+def make_server(host: str, port: int, protocol: OpenAIProtocol, service: LockstepService):
+    """A ThreadingHTTPServer bound to (host, port) that answers through `service`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.debug("http: " + fmt, *args)
+
+        def _send(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str, kind: str) -> None:
+            self._send(status, {"error": {"message": message, "type": kind, "code": status}})
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            if path == "/health":
+                self._send(200, {"status": "stopping" if service.stop_requested else "ok"})
+            elif path == "/v1/models":
+                self._send(200, protocol.models())
+            else:
+                self._error(404, f"no route GET {self.path}", "not_found_error")
+
+        def do_POST(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            if path not in ("/v1/completions", "/v1/chat/completions"):
+                self._error(404, f"no route POST {self.path}", "not_found_error")
+                return
+            try:
+                req = protocol.parse(
+                    json.loads(raw or b"null"), chat=path.endswith("/chat/completions")
+                )
+                outs = service.submit(req.prompts, req.params, req.seeds)
+                self._send(200, protocol.response(req, outs))
+            except json.JSONDecodeError as err:
+                self._error(400, f"invalid JSON: {err}", "invalid_request_error")
+            except ValueError as err:  # BadRequest, or the engine's own validation
+                self._error(400, str(err), "invalid_request_error")
+            except ServiceStopped as err:
+                self._error(503, str(err), "service_unavailable")
+            except Exception as err:  # noqa: BLE001 - a server answers, never dies with a request
+                log.exception("request failed")
+                self._error(500, f"{type(err).__name__}: {err}", "server_error")
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+@dataclass
+class ServeConfig:
+    """`kat serve` options."""
+
+    ckpt: str
+    """A kat checkpoint (`iter_N/`) or a directory of them (the newest is served)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    """0 picks a free port (see the ready file or the printed URL)."""
+    max_batch_size: int = 64
+    max_sequence_length: int | None = None
+    """Prompt + completion tokens; None: the model's max_position_embeddings."""
+    model_name: str | None = None
+    """Name reported by /v1/models and in responses; None: the checkpoint directory's name."""
+    tokenizer: str | None = None
+    """Tokenizer directory (or `tiny`); None: the run's data.tokenizer."""
+    reasoning_parser: str = "none"
+    """autothink: chat replies carry the answer as `content` and the think text as
+    `reasoning_content` (what data pipelines expect of a reasoning model); none: the raw text."""
+    ready_file: str | None = None
+    """Written (the base URL, `http://HOST:PORT/v1`) once the server accepts requests."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: expected 0..65535, got {self.port}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
+        if self.max_sequence_length is not None and self.max_sequence_length < 2:
+            raise ValueError(f"max_sequence_length: expected >= 2, got {self.max_sequence_length}")
+
+
+def serve(cfg: ServeConfig, on_ready=None) -> int:
+    """Every rank: load the engine at TP = WORLD_SIZE, serve until SIGTERM/SIGINT, return 0.
+
+    Rank 0 answers HTTP and calls `on_ready(url)` once listening; the others follow in lockstep.
+    """
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    from kat_megatron.parallel.init import shutdown
+    from kat_megatron.rl.engine import engine_from_checkpoint
+    from kat_megatron.utils.io import atomic_write_text
+
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    engine, tok, _ = engine_from_checkpoint(
+        cfg.ckpt, tp=tp, max_batch_size=cfg.max_batch_size,
+        max_sequence_length=cfg.max_sequence_length, tokenizer=cfg.tokenizer,
+    )  # fmt: skip
+    service = LockstepService(engine)
+    leader = service.leader
+    for sig in (signal.SIGTERM, signal.SIGINT):  # others wait for rank 0's "stop"
+        signal.signal(sig, service.request_stop if leader else lambda *_: None)
+    server = None
+    try:
+        if leader:
+            name = cfg.model_name or Path(cfg.ckpt).resolve().name
+            protocol = OpenAIProtocol(tok, engine.max_sequence_length, name, cfg.reasoning_parser)
+            server = make_server(cfg.host, cfg.port, protocol, service)
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                             daemon=True).start()  # fmt: skip
+            url = f"http://{cfg.host}:{server.server_address[1]}/v1"
+            if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("kat serve: listening on %s without authentication", cfg.host)
+            if cfg.ready_file:
+                atomic_write_text(cfg.ready_file, url + "\n")
+            if on_ready is not None:
+                on_ready(url)
+        service.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            if cfg.ready_file:
+                Path(cfg.ready_file).unlink(missing_ok=True)
+        log.info("kat serve: stopped after %d batches", service.batches)
+        shutdown()
+    return 0
