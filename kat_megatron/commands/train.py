@@ -45,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
         return launch_local(args.nproc, ["train", args.config, *args.overrides])
 
     from kat_megatron.parallel.init import shutdown
-    from kat_megatron.training.loop import Trainer
+    from kat_megatron.training.loop import build_trainer
 
     setup_logging()
     try:
-        Trainer(cfg).run()
+        build_trainer(cfg).run()
     finally:
         shutdown()
     return 0

@@ -92,6 +92,8 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
             return value
         if opt is list and isinstance(value, list):
             return list(value)
+        if opt is dict and isinstance(value, dict):
+            return dict(value)  # a nested mapping, validated by its section (e.g. rl.rewards)
     shown = "null" if value is None else f"{type(value).__name__} {value!r}"
     raise ValueError(f"{dotted}: expected {_type_name(hint)}, got {shown}")
 
@@ -149,10 +151,14 @@ def _apply_override(raw: dict[str, Any], text: str) -> None:
     section, _, name = key.partition(".")
     if key in sections:
         raise ValueError(f"{prefix}'{key}' is a section; expected the form {key}.KEY=value")
+    nested = None
     if key == "stage":
         hint: Any = str
     elif section in sections:
         hint = _field_types(sections[section]).get(name)
+        head, dot, rest = name.partition(".")
+        if hint is None and dot and _field_types(sections[section]).get(head) is dict:
+            nested, hint = (head, rest), Any  # rl.rewards.weights=...: checked by the section
     else:
         hint = None
     if hint is None:
@@ -164,6 +170,9 @@ def _apply_override(raw: dict[str, Any], text: str) -> None:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ValueError(f"{prefix}cannot parse {value_text!r} as YAML: {problem}") from None
         value = value_text
+    if nested is not None:
+        raw.setdefault(section, {}).setdefault(nested[0], {})[nested[1]] = value
+        return
     if str in _options(hint) and value is not None and not isinstance(value, str):
         value = value_text.strip()  # text fields take the text as written: run.name=2024
     try:

@@ -337,6 +337,202 @@ class RunConfig:
     dir: str = "runs/kat"
 
 
+KD_TEACHER_MODES = ("online", "offline")
+
+
+@dataclass
+class KDTeacherConfig:
+    """`kd.teacher`: where stage kd's teacher distribution comes from (docs/mtp_kd.md)."""
+
+    mode: str = "online"
+    """`online`: a frozen Megatron-Core model run in the student's forward step (needs `ckpt`);
+    `offline`: top-K log-probs written by `kat kd dump-teacher` (needs `topk_dir`)."""
+    ckpt: str | None = None
+    """Teacher checkpoint: a kat checkpoint directory, or a checkpoints root (its newest)."""
+    preset: str | None = None
+    """Teacher architecture preset; None means the model config recorded in the checkpoint."""
+    model: dict = field(default_factory=dict)
+    """ModelConfig fields overriding the teacher architecture (over `preset` or the checkpoint's)."""
+    topk_dir: str | None = None
+    """Offline: the directory written by `kat kd dump-teacher`."""
+
+    def __post_init__(self) -> None:
+        _choice("kd.teacher", "mode", self.mode, KD_TEACHER_MODES)
+        if not isinstance(self.model, dict):
+            raise ValueError(f"kd.teacher.model={self.model!r}: expected a mapping of model fields")
+
+
+@dataclass
+class KDSection:
+    """MTP-KD (`stage: kd`): `kat_megatron.losses.kd.KDConfig`'s fields and the teacher."""
+
+    alpha: float = 0.5
+    """Weight of the KD term; (1 - alpha) weights cross-entropy. 0 = CE only (no teacher)."""
+    temperature: float = 1.0
+    """tau of the KL term (scaled by tau^2); an offline dump must be made at the same tau."""
+    topk: int = 0
+    """0: the full teacher distribution; K: teacher top-K plus one residual bucket (offline:
+    0 or the dump's K)."""
+    divergence: str = "forward_kl"
+    """A registered KD loss (`kat_megatron.losses.kd.KD_LOSSES`): forward_kl or reverse_kl."""
+    mtp_loss_scaling_factor: float | None = None
+    """lambda: MTP depth d >= 1 is weighted lambda / D; None means
+    model.mtp_loss_scaling_factor."""
+    mask_document_boundaries: bool = True
+    """No loss where the depth-d target x[t+1+d] is in another document than x[t] (EOD)."""
+    teacher: dict = field(default_factory=dict)
+    """`KDTeacherConfig` fields: mode, ckpt, preset, model, topk_dir."""
+
+    def __post_init__(self) -> None:
+        # Cheap range checks here; the divergence name is checked against the registry (which
+        # imports torch) by `check_kd` for stage kd only.
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"kd.alpha={self.alpha!r}: expected a number in [0, 1]")
+        if not self.temperature > 0.0:
+            raise ValueError(f"kd.temperature={self.temperature!r}: expected a number > 0")
+        _positive("kd", "topk", self.topk, allow_zero=True)
+        lam = self.mtp_loss_scaling_factor
+        if lam is not None and not lam >= 0.0:
+            raise ValueError(f"kd.mtp_loss_scaling_factor={lam!r}: expected >= 0")
+        self.teacher_config()
+
+    def teacher_config(self) -> KDTeacherConfig:
+        """`teacher` as a KDTeacherConfig; `model.X` keys (from the override
+        kd.teacher.model.X=...) are folded into `model`."""
+        import dataclasses
+
+        if not isinstance(self.teacher, dict):
+            raise ValueError(f"kd.teacher: expected a mapping, got {self.teacher!r}")
+        values = {k: v for k, v in self.teacher.items() if not k.startswith("model.")}
+        dotted = {k[len("model.") :]: v for k, v in self.teacher.items() if k.startswith("model.")}
+        if dotted:
+            values["model"] = {**(values.get("model") or {}), **dotted}
+        known = [f.name for f in dataclasses.fields(KDTeacherConfig)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"kd.teacher: unknown keys {unknown}; known: {known}")
+        return KDTeacherConfig(**values)
+
+    def loss_config(self, model: ModelConfig):
+        """The loss's `kat_megatron.losses.kd.KDConfig` (validates `divergence`)."""
+        from kat_megatron.losses.kd import KDConfig
+
+        lam = self.mtp_loss_scaling_factor
+        return KDConfig(
+            alpha=self.alpha,
+            temperature=self.temperature,
+            topk=self.topk,
+            divergence=self.divergence,
+            mtp_loss_scaling_factor=model.mtp_loss_scaling_factor if lam is None else lam,
+        )
+
+
+RL_SUBSECTIONS = {
+    "sampling": ("kat_megatron.rl.types", "SamplingParams"),
+    "rewards": ("kat_megatron.rl.rewards", "RewardConfig"),
+    "advantages": ("kat_megatron.rl.advantages", "AdvantageConfig"),
+    "policy_loss": ("kat_megatron.losses.policy", "PolicyLossConfig"),
+}
+"""`rl.<name>` mappings and the dataclass each one holds the fields of."""
+
+
+@dataclass
+class RLConfig:
+    """Step-SRPO / GRPO (`stage: rl`, docs/rl_trainer.md). `training.steps` counts RL steps (one
+    rollout batch and one optimizer step each); `optimizer` configures the policy's Adam."""
+
+    prompts: str | None = None
+    """Prompt records: a JSONL file or a saved `datasets` directory with `messages`,
+    `reference`, `verifier` and optionally `category` and `id` per record."""
+    prompts_per_step: int = 8
+    """Prompts (groups) trained on per step, over all data-parallel ranks."""
+    group_size: int = 4
+    """Rollouts G per prompt."""
+    sampling: dict = field(default_factory=dict)
+    """Rollout sampling: `kat_megatron.rl.types.SamplingParams` fields (temperature, top_p,
+    top_k, max_new_tokens); stop tokens are `<|im_end|>` and `<|endoftext|>`."""
+    rewards: dict = field(default_factory=dict)
+    """`kat_megatron.rl.rewards.RewardConfig` fields (weights, overlong_buffer, ...);
+    `max_new_tokens` defaults to `sampling.max_new_tokens`."""
+    advantages: dict = field(default_factory=dict)
+    """`kat_megatron.rl.advantages.AdvantageConfig` fields (estimator step_srpo|grpo,
+    mode_weight, beta, delta, std_normalize, leave_one_out)."""
+    policy_loss: dict = field(default_factory=dict)
+    """`kat_megatron.losses.policy.PolicyLossConfig` fields (clip_low, clip_high, aggregation,
+    kl_coef, kl_estimator, kl_in_reward, is_correction, entropy_coef, ...)."""
+    reference_ckpt: str | None = None
+    """Frozen reference policy for the KL terms; None means `checkpoint.load` (the initial
+    policy). Only loaded when policy_loss.kl_coef > 0."""
+    dynamic_sampling: bool = False
+    """Drop groups whose advantages are all zero (identical rewards, no mode preference) and
+    refill from the next prompts (DAPO)."""
+    max_refill_rounds: int = 2
+    """With dynamic_sampling: at most this many extra generation rounds per step."""
+    forced_probes: int = 0
+    """k: when a group lacks one mode, k rollouts forced into the missing mode serve as its
+    evidence for the mode reward (never trained on). 0 disables."""
+    micro_batch_size: int = 8
+    """Rollouts per training micro-batch (per data-parallel rank)."""
+    max_sequence_length: int = 512
+    """Prompt + response tokens; longer prompts (with max_new_tokens) are skipped at load."""
+    shuffle: bool = True
+    """Visit prompts in a seeded random order (a new permutation each epoch)."""
+    engine_max_batch_size: int = 64
+    """Sequences the rollout engine decodes at once."""
+    log_rollouts: int = 2
+    """Rollouts per step written (text, rewards) to `<run.dir>/rollouts.jsonl`."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_step", "group_size", "micro_batch_size",
+                     "max_sequence_length", "engine_max_batch_size"):  # fmt: skip
+            _positive("rl", name, getattr(self, name))
+        for name in ("max_refill_rounds", "forced_probes", "log_rollouts"):
+            _positive("rl", name, getattr(self, name), allow_zero=True)
+        if self.group_size < 2:
+            raise ValueError(
+                f"rl.group_size={self.group_size}: expected >= 2 (advantages compare the "
+                "rollouts of a group)"
+            )
+        for name in RL_SUBSECTIONS:
+            if getattr(self, name):  # empty: the defaults (valid by construction)
+                self.build_all()
+                break
+
+    def build_all(self) -> dict[str, Any]:
+        """All four subsection dataclasses; `rewards.max_new_tokens` follows the sampling."""
+        sampling = self.build("sampling")
+        return {
+            "sampling": sampling,
+            "rewards": self.build("rewards", max_new_tokens=sampling.max_new_tokens),
+            "advantages": self.build("advantages"),
+            "policy_loss": self.build("policy_loss"),
+        }
+
+    def build(self, name: str, **defaults: Any) -> Any:
+        """The dataclass of subsection `name` from its mapping (over `defaults`); errors name
+        the key as `rl.<name>.<field>`."""
+        import dataclasses
+        import importlib
+
+        module, cls_name = RL_SUBSECTIONS[name]
+        cls = getattr(importlib.import_module(module), cls_name)
+        values = getattr(self, name)
+        if not isinstance(values, dict):
+            raise ValueError(f"rl.{name}: expected a mapping, got {values!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"rl.{name}: unknown keys {unknown}; known: {known}")
+        try:
+            return cls(**{**defaults, **values})
+        except (TypeError, ValueError) as err:
+            msg = str(err)
+            for prefix in (f"{name}.", "policy_loss.", "advantages.", "rewards."):
+                if msg.startswith(prefix):  # "rewards.x=1: ..." -> "rl.rewards.x=1: ..."
+                    raise ValueError(f"rl.{name}.{msg[len(prefix) :]}") from None
+            raise ValueError(f"rl.{name}: {msg}") from None
+
+
 @dataclass
 class KatConfig:
     """A whole run. `stage` picks the trainer; the other sections configure its parts."""
@@ -350,6 +546,8 @@ class KatConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    kd: KDSection = field(default_factory=KDSection)
 
     def __post_init__(self) -> None:
         _choice("", "stage", self.stage, STAGES)
@@ -359,6 +557,77 @@ class KatConfig:
                 f"data.seq_length={self.data.seq_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
+        if self.stage == "rl":
+            check_rl(self)
+        if self.stage == "kd":
+            check_kd(self)
+
+
+def check_rl(cfg: KatConfig) -> None:
+    """Cross-section checks of `stage: rl` (one-line ValueErrors)."""
+    rl, par = cfg.rl, cfg.parallel
+    if par.pp != 1 or par.vpp is not None:
+        raise ValueError(
+            "stage rl: the colocated rollout engine needs parallel.pp=1; use tensor and data "
+            "parallelism"
+        )
+    if par.cp != 1:
+        raise ValueError("stage rl: parallel.cp must be 1")
+    if cfg.model.mtp_num_layers:
+        raise ValueError(
+            "stage rl trains the main head only: set model.mtp_num_layers=0 (MTP heads would "
+            "add an LM loss on sampled text)"
+        )
+    if rl.prompts is None:
+        raise ValueError("stage rl: set rl.prompts to a JSONL file or a datasets directory")
+    if rl.max_sequence_length > cfg.model.max_position_embeddings:
+        raise ValueError(
+            f"rl.max_sequence_length={rl.max_sequence_length} exceeds "
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
+        )
+    sampling = rl.build("sampling")
+    if sampling.max_new_tokens >= rl.max_sequence_length:
+        raise ValueError(
+            f"rl.sampling.max_new_tokens={sampling.max_new_tokens} leaves no room for the prompt "
+            f"in rl.max_sequence_length={rl.max_sequence_length}"
+        )
+
+
+def check_kd(cfg: KatConfig) -> None:
+    """Cross-section checks of `stage: kd` (one-line ValueErrors naming the field)."""
+    kd, par = cfg.kd, cfg.parallel
+    teacher = kd.teacher_config()
+    kd.loss_config(cfg.model)  # the divergence name, as losses.kd.KDConfig checks it
+    depth = cfg.model.mtp_num_layers or 0  # D = 0: the main head only
+    if depth >= cfg.data.seq_length:
+        raise ValueError(
+            f"model.mtp_num_layers={depth}: stage kd needs fewer MTP depths than "
+            f"data.seq_length={cfg.data.seq_length}"
+        )
+    if par.cp != 1:
+        raise ValueError(
+            "stage kd: parallel.cp must be 1 (the depth-d target shift would cross "
+            "context-parallel chunks)"
+        )
+    if kd.topk > cfg.model.vocab_size:
+        raise ValueError(f"kd.topk={kd.topk} exceeds model.vocab_size={cfg.model.vocab_size}")
+    if teacher.mode == "online":
+        if teacher.ckpt is None and kd.alpha > 0:
+            raise ValueError(
+                "kd.teacher.ckpt: stage kd with kd.teacher.mode=online needs the teacher's "
+                "checkpoint directory (or kd.alpha=0 for cross-entropy only)"
+            )
+        if teacher.ckpt is not None and par.pp > 1:
+            raise ValueError(
+                f"kd.teacher.mode=online with parallel.pp={par.pp}: the online teacher runs "
+                "without pipeline parallelism only; write its top-K with `kat kd dump-teacher` "
+                "and set kd.teacher.mode=offline, kd.teacher.topk_dir=DIR"
+            )
+    elif teacher.topk_dir is None and kd.alpha > 0:
+        raise ValueError(
+            "kd.teacher.topk_dir: stage kd with kd.teacher.mode=offline needs the directory "
+            "written by `kat kd dump-teacher` (or kd.alpha=0 for cross-entropy only)"
+        )
 
 
 def check_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None = None) -> None:

@@ -65,22 +65,42 @@ class _StopFlag:
         return bool(flag.item())
 
 
-def reduce_loss(losses: list[dict[str, torch.Tensor]]) -> float:
-    """Token-mean LM loss of the global batch, known on every rank."""
-    total = torch.zeros(2)
+def reduce_metrics(losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean of every `[sum, count]` metric the loss function returned over the global batch
+    (summed over micro-batches and data-parallel ranks), known on every rank.
+
+    Only the last pipeline stage's TP rank 0 contributes (the losses are replicated over TP);
+    the other ranks learn the metric names through one small all-gather of objects.
+    """
+    local: dict[str, torch.Tensor] = {}
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    if last and parallel_state.get_tensor_model_parallel_rank() == 0 and losses:
+    if last and parallel_state.get_tensor_model_parallel_rank() == 0:
         for item in losses:
-            total += item["lm_loss"].detach().float().cpu()
+            for key, pair in item.items():
+                local[key] = local.get(key, torch.zeros(2)) + pair.detach().float().cpu()
+    keys = sorted(local)
     if dist.is_initialized():
+        names: list = [None] * dist.get_world_size()
+        dist.all_gather_object(names, keys)
+        keys = sorted(set().union(*names))
+    total = torch.stack([local.get(k, torch.zeros(2)) for k in keys]) if keys else torch.zeros(0, 2)
+    if dist.is_initialized() and keys:
         total = total.to("cuda") if torch.cuda.is_available() else total
         dist.all_reduce(total)
     total = total.cpu()
-    return (total[0] / total[1].clamp(min=1)).item()
+    return {k: (total[i, 0] / total[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
+
+
+def reduce_loss(losses: list[dict[str, torch.Tensor]]) -> float:
+    """Token-mean LM loss of the global batch, known on every rank."""
+    return reduce_metrics(losses).get("lm_loss", 0.0)
 
 
 class Trainer:
-    """Owns one run: `Trainer(cfg).run()` returns the list of per-step metrics dicts."""
+    """Owns one run: `Trainer(cfg).run()` returns the list of per-step metrics dicts.
+
+    Subclasses (a stage's own trainer, e.g. `kat_megatron.rl.trainer.RLTrainer`) override
+    `train_step` and the `extra_state` / `load_extra_state` checkpoint hooks."""
 
     def __init__(self, cfg: KatConfig, datasets=None) -> None:
         self.cfg = cfg
@@ -119,16 +139,26 @@ class Trainer:
             extra = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
             self.state.step = int(extra["step"])
             self.state.consumed_samples = int(extra["consumed_samples"])
+            self.load_extra_state(extra)
             log.info("resumed from %s (step %d)", latest, self.state.step)
         elif cfg.checkpoint.load:
             ckpt.load_checkpoint(cfg.checkpoint.load, self.model)
             self.optimizer.reload_model_params()
             log.info("initialised weights from %s", cfg.checkpoint.load)
 
+    def extra_state(self) -> dict[str, Any]:
+        """Hook: JSON-able state a subclass adds to the checkpoint (kat_meta.json and the
+        common state), handed back to `load_extra_state` on resume."""
+        return {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Hook: restore what `extra_state` saved (called on resume, after the weights)."""
+
     def _save(self) -> None:
         extra = {
             "consumed_samples": self.state.consumed_samples,
             "config": config_to_dict(self.cfg),
+            **self.extra_state(),
         }
         ckpt.save_checkpoint(
             self.ckpt_root,
@@ -173,11 +203,12 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        loss = reduce_loss(losses)
+        reduced = reduce_metrics(losses)
+        loss = reduced.pop("lm_loss", 0.0)
         elapsed = time.perf_counter() - start
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
-        return {
+        row = {
             "step": self.state.step,
             "loss": loss,
             "lr": lr,
@@ -187,6 +218,9 @@ class Trainer:
             "tokens_per_s": t.global_batch_size * cfg.data.seq_length / elapsed,
             "consumed_samples": self.state.consumed_samples,
         }
+        # The stage's other metrics (e.g. kd_kl_d1), after the loop's own keys (which win).
+        row.update({k: v for k, v in reduced.items() if k not in row})
+        return row
 
     def run(self) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -227,3 +261,9 @@ class Trainer:
         if preempted:
             raise SystemExit(EXIT_PREEMPTED)
         return self.state.history
+
+
+def build_trainer(cfg: KatConfig) -> Trainer:
+    """The trainer of `cfg.stage`: the stage's own (`Stage.trainer`) or the shared loop."""
+    stage = get_stage(cfg.stage)
+    return stage.trainer(cfg) if stage.trainer is not None else Trainer(cfg)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from kat_megatron.config.schema import KatConfig
 from kat_megatron.losses.lm import masked_token_loss
@@ -63,6 +64,32 @@ def _sft_data(cfg: KatConfig, run_dir: Path):
     return build_sft_dataset(cfg.data, cfg.training.seed), None, None
 
 
+def _kd_data(cfg: KatConfig, run_dir: Path):
+    """Pretraining samples, plus the MTP-KD teacher (training/kd_stage.py)."""
+    from kat_megatron.training.kd_stage import build_kd
+
+    return build_kd(cfg, run_dir)
+
+
+def _kd_forward_step(data_iterator, model):
+    from kat_megatron.training.kd_stage import kd_forward_step
+
+    return kd_forward_step(data_iterator, model)
+
+
+def _rl_prompts(cfg: KatConfig, run_dir: Path):
+    """The RL prompt records (`rl.prompts`), validated."""
+    from kat_megatron.rl.prompts import load_prompts
+
+    return (load_prompts(cfg.rl.prompts),)
+
+
+def _rl_trainer(cfg: KatConfig):
+    from kat_megatron.rl.trainer import RLTrainer
+
+    return RLTrainer(cfg)
+
+
 @dataclass(frozen=True)
 class Stage:
     """What a stage contributes to the shared training loop."""
@@ -70,11 +97,15 @@ class Stage:
     name: str
     build_datasets: Callable[[KatConfig, Path], tuple]
     forward_step: Callable = forward_step
+    trainer: Callable[[KatConfig], Any] | None = None
+    """A trainer factory when the stage has its own loop (a `training.loop.Trainer` subclass)."""
 
 
 STAGES = {
     "pretrain": Stage("pretrain", _pretrain_data),
     "sft": Stage("sft", _sft_data),
+    "kd": Stage("kd", _kd_data, _kd_forward_step),
+    "rl": Stage("rl", _rl_prompts, trainer=_rl_trainer),
 }
 
 

@@ -58,6 +58,7 @@ def test_round_trip(tmp_path):
         None,
         [
             "stage=kd",
+            "kd.teacher={mode: online, ckpt: /ckpt/teacher}",
             "model.preset=tiny-moe",
             "model.mtp_num_layers=1",
             "parallel.tp=2",
@@ -124,7 +125,7 @@ def test_overrides_of_each_type(tmp_path):
             "data.jsonl=[a.jsonl, b.jsonl]",  # list
             "data.tokenizer=/models/qwen",  # str
             "run.name=42",  # a number for a text field stays the text
-            "stage=kd",  # top-level key
+            "stage=sft",  # top-level key
         ],
     )
     assert cfg.training.steps == 11
@@ -135,7 +136,7 @@ def test_overrides_of_each_type(tmp_path):
     assert cfg.data.jsonl == ["a.jsonl", "b.jsonl"]
     assert cfg.data.tokenizer == "/models/qwen"
     assert cfg.run.name == "42"
-    assert cfg.stage == "kd"
+    assert cfg.stage == "sft"
 
 
 def test_later_override_wins():

@@ -1,0 +1,129 @@
+"""Rollouts -> training micro-batches for `kat train` with `stage: rl`.
+
+A rollout of prompt ids p (P tokens) and response ids r (R tokens) is one causal-LM row over
+ids = p + r: `tokens = ids[:-1]`, `labels = ids[1:]`, positions 0..P+R-2. The labels at
+positions P-1 .. P+R-2 are the response tokens: there `loss_mask` is 1 and the per-token
+advantages, rollout log-probs and reference log-probs are placed; elsewhere they are 0.
+Rows are right-padded (causal attention never looks at the padding) to the longest row of their
+micro-batch, rounded up to a multiple of `pad_multiple` (which the sequence-parallel split over
+TP needs).
+
+Each data-parallel rank trains on the rollouts it generated; all ranks run the same number of
+micro-batches (the largest any rank needs), slots past a rank's last rollout hold an all-padding
+row without loss. The loss is normalised over the global batch by Megatron-Core
+(`calculate_per_token_loss`), so how rollouts spread over ranks does not change the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutSample:
+    """One trained rollout (lists of equal length R for the response)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantages: list[float]
+    """Per response token (judge tokens and the rest may differ: Step-SRPO)."""
+    rollout_logprobs: list[float]
+    """The engine's log p of each response token when it sampled it."""
+    ref_logprobs: list[float] | None = None
+    """The frozen reference model's log p of each response token (KL terms)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.response_ids)
+        for name in ("advantages", "rollout_logprobs", "ref_logprobs"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"RolloutSample.{name}: {len(value)} values for {n} tokens")
+        if not self.prompt_ids:
+            raise ValueError("RolloutSample: empty prompt")
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids) - 1
+
+
+def pad_multiple_for(tp: int) -> int:
+    """Row lengths are multiples of lcm(16, tp): TP-divisible, and the same for TP <= 16."""
+    return 16 * tp // math.gcd(16, tp)
+
+
+def collate_rollouts(
+    samples: list[RolloutSample | None], pad_id: int, pad_multiple: int, with_ref: bool = False
+) -> dict[str, torch.Tensor]:
+    """Tensors `[b, s]` of one micro-batch (None entries are all-padding rows without loss)."""
+    real = [s.num_positions for s in samples if s is not None]
+    length = max(real, default=1)
+    length = -(-length // pad_multiple) * pad_multiple
+    b = len(samples)
+    out = {
+        "tokens": torch.full((b, length), pad_id, dtype=torch.long),
+        "labels": torch.full((b, length), pad_id, dtype=torch.long),
+        "position_ids": torch.arange(length).unsqueeze(0).repeat(b, 1),
+        "loss_mask": torch.zeros(b, length),
+        "advantages": torch.zeros(b, length),
+        "rollout_logprobs": torch.zeros(b, length),
+    }
+    if with_ref:
+        out["ref_logprobs"] = torch.zeros(b, length)
+    for i, s in enumerate(samples):
+        if s is None:
+            continue
+        ids = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        n, start, r = len(ids) - 1, len(s.prompt_ids) - 1, len(s.response_ids)
+        out["tokens"][i, :n] = ids[:-1]
+        out["labels"][i, :n] = ids[1:]
+        out["loss_mask"][i, start : start + r] = 1.0
+        out["advantages"][i, start : start + r] = torch.tensor(s.advantages)
+        out["rollout_logprobs"][i, start : start + r] = torch.tensor(s.rollout_logprobs)
+        if with_ref:
+            if s.ref_logprobs is None:
+                raise ValueError("collate_rollouts(with_ref=True): a sample lacks ref_logprobs")
+            out["ref_logprobs"][i, start : start + r] = torch.tensor(s.ref_logprobs)
+    return out
+
+
+def num_microbatches(num_samples: int, mbs: int) -> int:
+    """Micro-batches for `num_samples` rollouts (at least one)."""
+    return max(1, -(-num_samples // mbs))
+
+
+def microbatches(
+    samples: list[RolloutSample],
+    mbs: int,
+    n_micro: int,
+    pad_id: int,
+    pad_multiple: int,
+    with_ref: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """`n_micro` micro-batches of `mbs` rows from this rank's rollouts, in order; slots past
+    the last rollout are all-padding rows (every DP rank must run the same number of
+    micro-batches, whatever its number of rollouts)."""
+    if len(samples) > n_micro * mbs:
+        raise ValueError(f"{len(samples)} rollouts do not fit {n_micro} x {mbs} rows")
+    slots: list[RolloutSample | None] = list(samples) + [None] * (n_micro * mbs - len(samples))
+    return [
+        collate_rollouts(slots[k * mbs : (k + 1) * mbs], pad_id, pad_multiple, with_ref)
+        for k in range(n_micro)
+    ]
+
+
+def response_values(
+    values_bs: torch.Tensor, samples: list[RolloutSample | None]
+) -> list[list[float] | None]:
+    """Per sample, the response-token entries of a `[b, s]` tensor laid out by
+    `collate_rollouts` (e.g. reference log-probs from `forward_logprobs`)."""
+    out: list[list[float] | None] = []
+    for i, s in enumerate(samples):
+        if s is None:
+            out.append(None)
+            continue
+        start = len(s.prompt_ids) - 1
+        out.append(values_bs[i, start : start + len(s.response_ids)].tolist())
+    return out

@@ -1,0 +1,150 @@
+"""Per-token log-probs and entropy from vocab-sharded logits, and the RL forward step.
+
+`kat train CFG.yaml` with `stage: rl` runs `rl_forward_step` under Megatron-Core's
+`get_forward_backward_func`; `forward_logprobs` is the forward-only pass (reference model,
+tests). Logits stay sharded over the tensor-parallel group (`[b, s, V/tp]`, the layout of
+Megatron-Core's `ColumnParallelLinear` output layer) and the vocabulary is never gathered:
+- log p(label) = -`tensor_parallel.vocab_parallel_cross_entropy` (all-reduce MAX and SUM);
+- entropy H = log S - (sum_v e_v z_v) / S with z = logits - max, e = exp z, S = sum_v e_v:
+  one all-reduce MAX and two SUMs over the TP group.
+Both run in fp32 over every column of the padded vocabulary, as the rollout engine's log-probs
+(`kat_megatron.rl.sampling.token_logprobs_b`) do, so the two agree to rounding.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+from kat_megatron.losses.policy import PolicyLossConfig, policy_loss
+
+
+def _tp_group() -> Any:
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def vocab_parallel_entropy(logits_bsv: torch.Tensor) -> torch.Tensor:
+    """Entropy `[b, s]` (fp32, nats) of softmax(logits) with the vocabulary sharded over TP.
+
+    Differentiable: the partial sums go through `reduce_from_tensor_model_parallel_region`
+    (all-reduce forward, identity backward), so each rank back-propagates into its own shard.
+    """
+    z = logits_bsv.float()
+    with torch.no_grad():
+        m = z.max(dim=-1, keepdim=True).values
+        group = _tp_group()
+        if group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    z = z - m
+    e = torch.exp(z)
+    s_sum = e.sum(dim=-1)
+    ez_sum = (e * z).sum(dim=-1)
+    if _tp_group() is not None:
+        s_sum = reduce_from_tensor_model_parallel_region(s_sum)
+        ez_sum = reduce_from_tensor_model_parallel_region(ez_sum)
+    return torch.log(s_sum) - ez_sum / s_sum
+
+
+def token_logprobs(
+    logits_bsv: torch.Tensor,
+    labels_bs: torch.Tensor,
+    with_entropy: bool = True,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(labels) `[b, s]`, entropy `[b, s]` or None), fp32, from TP-sharded logits.
+
+    Gradients flow into the log-probs; into the entropy only with `entropy_grad`.
+    """
+    entropy = None
+    if with_entropy:
+        if entropy_grad:
+            entropy = vocab_parallel_entropy(logits_bsv)
+        else:
+            with torch.no_grad():
+                entropy = vocab_parallel_entropy(logits_bsv)
+    # Megatron's cross-entropy works in place on its input: give it its own fp32 copy.
+    logits = logits_bsv.float()
+    if logits is logits_bsv:
+        logits = logits.clone()
+    nll_bs = tensor_parallel.vocab_parallel_cross_entropy(logits, labels_bs)
+    return -nll_bs, entropy
+
+
+def rl_loss(
+    logits_bsv: torch.Tensor, batch: dict[str, torch.Tensor], cfg: PolicyLossConfig
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss function of one micro-batch: `policy_loss` on the response tokens.
+
+    The trainer takes one optimizer step per rollout batch, so the policy that sampled is the
+    one being differentiated: old log-probs are this forward's own values, detached (ratio 1,
+    gradient = the policy gradient); the rollout engine's log-probs enter through
+    `is_correction`. Metrics are `[sum, count]` pairs, plus `loss` = [loss_sum, normaliser].
+    """
+    logp_bs, entropy_bs = token_logprobs(
+        logits_bsv, batch["labels"], with_entropy=True, entropy_grad=cfg.entropy_coef != 0
+    )
+    loss_sum, normaliser, metrics = policy_loss(
+        logp_bs,
+        logp_bs.detach(),
+        batch["advantages"],
+        batch["loss_mask"],
+        cfg,
+        ref_logprobs_bt=batch.get("ref_logprobs"),
+        rollout_logprobs_bt=batch["rollout_logprobs"],
+        entropy_bt=entropy_bs,
+    )
+    metrics = dict(metrics)
+    metrics["loss"] = torch.stack([loss_sum.detach().float(), normaliser.detach().float()])
+    return loss_sum, normaliser.to(torch.int), metrics
+
+
+def rl_forward_step(data_iterator, model, cfg: PolicyLossConfig):
+    """Megatron-Core forward step: the micro-batch through the policy, and `rl_loss`."""
+    batch = next(data_iterator)
+    logits_bsv = model(batch["tokens"], batch["position_ids"], None)
+    return logits_bsv, partial(rl_loss, batch=batch, cfg=cfg)
+
+
+@torch.no_grad()
+def forward_logprobs(model: list, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """log p(labels) `[b, s]` of each micro-batch through Megatron-Core's forward-only schedule.
+
+    Every rank of the TP group gets the same values (pipeline parallelism is not used by RL).
+    """
+    if not batches:
+        return []
+
+    def step(data_iterator, chunk):
+        batch = next(data_iterator)
+        logits_bsv = chunk(batch["tokens"], batch["position_ids"], None)
+
+        def collect(output, non_loss_data=True):
+            return token_logprobs(output, batch["labels"], with_entropy=False)[0]
+
+        return logits_bsv, collect
+
+    was_training = [c.training for c in model]
+    for chunk in model:
+        chunk.eval()
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(batches),
+            model=model,
+            num_microbatches=len(batches),
+            seq_length=batches[0]["tokens"].shape[1],
+            micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    finally:
+        for chunk, training in zip(model, was_training):
+            chunk.train(training)

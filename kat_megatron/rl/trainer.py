@@ -1,0 +1,280 @@
+"""The Step-SRPO / GRPO trainer: `kat train examples/tiny_rl/config.yaml` (`stage: rl`).
+
+NeMo-Aligner's RL loop on Megatron-Core, colocated: each step (one `training.steps` unit)
+1. draws `rl.prompts_per_step` prompts (deterministic sampler, position saved in checkpoints)
+   and samples `rl.group_size` rollouts each with the `RolloutEngine`, which reads the live
+   policy weights (`kat_megatron/rl/rollouts.py`: scores, forced-mode probes, reference
+   log-probs, advantages per group, dynamic sampling);
+2. trains on them with `get_forward_backward_func` (`rl/logprobs.py`: log-probs and entropy
+   from vocab-sharded logits, `losses/policy.py`), gradients normalised over the global batch;
+3. takes one optimizer step and refits the engine (a no-op for the colocated engine; an
+   external engine gets the weights through its `WeightSync`).
+Model build, DDP + distributed optimizer, scheduler, checkpoints, resume, signals and metrics
+sinks are `training/loop.py`'s `Trainer`; this subclass adds the RL state (the prompt sampler's
+position) to checkpoints and writes `<run.dir>/rollouts.jsonl` (drawn prompt ids and a few
+rollout texts per step). Every key of metrics.jsonl is described in docs/rl_trainer.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from kat_megatron.config import KatConfig
+from kat_megatron.data.tokenizer import load_tokenizer
+from kat_megatron.models.builder import build_model, transformer_config
+from kat_megatron.rl.batching import (
+    RolloutSample,
+    microbatches,
+    num_microbatches,
+    pad_multiple_for,
+    response_values,
+)
+from kat_megatron.rl.engine import RolloutEngine
+from kat_megatron.rl.logprobs import forward_logprobs, rl_forward_step
+from kat_megatron.rl.prompts import PromptSampler
+from kat_megatron.rl.rollouts import Group, RolloutCollector
+from kat_megatron.rl.step_metrics import rollout_metrics
+from kat_megatron.training import checkpointing as ckpt
+from kat_megatron.training.loop import Trainer, reduce_metrics
+from kat_megatron.utils.io import atomic_write_text
+
+log = logging.getLogger("kat")
+
+
+def _max_over_dp(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.long)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        t = t.cuda() if torch.cuda.is_available() else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    return int(t.item())
+
+
+def _sum_over_dp(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        t = t.cuda() if torch.cuda.is_available() else t
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return float(t.item())
+
+
+class RLTrainer(Trainer):
+    """`RLTrainer(cfg).run()`: Step-SRPO / GRPO on the shared loop (see the module doc)."""
+
+    def __init__(self, cfg: KatConfig) -> None:
+        super().__init__(cfg)
+        rl = cfg.rl
+        self.parts = rl.build_all()
+        self.loss_cfg = self.parts["policy_loss"]
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.pad_multiple = pad_multiple_for(cfg.parallel.tp)
+        dtype = self.model[0].config.params_dtype
+        self.engine = RolloutEngine(
+            self.model,
+            self.tokenizer,
+            max_sequence_length=rl.max_sequence_length,
+            max_batch_size=rl.engine_max_batch_size,
+            params_dtype=dtype,
+            seed=cfg.training.seed,
+        )
+        self.ref_model = self._build_reference() if self.loss_cfg.needs_ref else None
+        prompts = self.datasets[0]
+        self.sampler = PromptSampler(len(prompts), cfg.training.seed, rl.shuffle)
+        self.collector = RolloutCollector(
+            self.engine,
+            self.tokenizer,
+            prompts,
+            self.sampler,
+            self.parts,
+            rl,
+            cfg.training.seed,
+            self._reference_logprobs if self.ref_model is not None else None,
+        )
+        self._check_prompt_lengths(prompts)
+        self.rollout_log = self.run_dir / "rollouts.jsonl"
+        self._log_truncated = False
+        adv = self.parts["advantages"]
+        self.mode_weight = adv.mode_weight if adv.estimator == "step_srpo" else 0.0
+
+    # ----------------------------------------------------------------------------- set-up
+    def _build_reference(self) -> list:
+        """The frozen reference policy (same layout, no DDP): `rl.reference_ckpt`, else the
+        initial policy `checkpoint.load`."""
+        cfg = self.cfg
+        path = cfg.rl.reference_ckpt or cfg.checkpoint.load
+        if path is None:
+            raise ValueError(
+                "rl.policy_loss.kl_coef > 0 needs a reference policy: set rl.reference_ckpt "
+                "(or checkpoint.load, the initial policy)"
+            )
+        path = Path(path)
+        if ckpt.latest_checkpoint(path) is not None:  # a checkpoints/ directory: its newest
+            path = ckpt.latest_checkpoint(path)
+        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.training.precision)
+        ref = build_model(cfg.model, cfg.parallel, cfg.training.precision, config=tcfg)
+        ckpt.load_checkpoint(path, ref)
+        for chunk in ref:
+            chunk.eval()
+            chunk.requires_grad_(False)
+        log.info("reference policy for the KL terms: %s", path)
+        return ref
+
+    def _check_prompt_lengths(self, prompts) -> None:
+        rl = self.cfg.rl
+        budget = rl.max_sequence_length - self.parts["sampling"].max_new_tokens
+        long = [p.id for i, p in enumerate(prompts) if len(self.collector.prompt_ids(i)) > budget]
+        if long:
+            raise ValueError(
+                f"rl.prompts: {len(long)} prompt(s) (e.g. id {long[0]!r}) exceed "
+                f"rl.max_sequence_length - rl.sampling.max_new_tokens = {budget} tokens; raise "
+                "rl.max_sequence_length or filter the prompts"
+            )
+
+    # ----------------------------------------------------------------------------- RL state
+    def extra_state(self) -> dict[str, Any]:
+        return {"rl": {"prompt_position": self.sampler.position, "num_prompts": self.sampler.n}}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        state = extra.get("rl")
+        if state is None:
+            log.warning("checkpoint has no RL state: prompts start from the beginning")
+            return
+        if state["num_prompts"] != self.sampler.n:
+            log.warning(
+                "rl.prompts changed size (%d -> %d): the prompt order differs from the "
+                "interrupted run",
+                state["num_prompts"],
+                self.sampler.n,
+            )
+        self.sampler.position = int(state["prompt_position"])
+
+    # ----------------------------------------------------------------------------- one step
+    def _reference_logprobs(self, groups: list[Group]) -> None:
+        """Fill `group.ref_logprobs` with the reference policy's log-probs (collective)."""
+        samples = [
+            RolloutSample(
+                g.prompt_ids, list(c.token_ids), [0.0] * len(c.token_ids), [0.0] * len(c.token_ids)
+            )
+            for g in groups
+            for c in g.completions
+        ]
+        mbs = self.cfg.rl.micro_batch_size
+        n_micro = _max_over_dp(num_microbatches(len(samples), mbs))
+        batches = microbatches(samples, mbs, n_micro, self.pad_id, self.pad_multiple)
+        values: list = []
+        for k, logp_bs in enumerate(forward_logprobs(self.ref_model, batches)):
+            chunk = samples[k * mbs : (k + 1) * mbs]
+            values += response_values(logp_bs, chunk + [None] * (mbs - len(chunk)))
+        i = 0
+        for g in groups:
+            g.ref_logprobs = values[i : i + len(g.completions)]
+            i += len(g.completions)
+
+    def _train(self, samples: list[RolloutSample]) -> tuple[list, float, bool]:
+        """Forward-backward over this rank's rollouts and one optimizer step."""
+        mbs = self.cfg.rl.micro_batch_size
+        n_micro = _max_over_dp(num_microbatches(len(samples), mbs))
+        with_ref = self.ref_model is not None
+        batches = microbatches(samples, mbs, n_micro, self.pad_id, self.pad_multiple, with_ref)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=partial(rl_forward_step, cfg=self.loss_cfg),
+            data_iterator=iter(batches),
+            model=self.model,
+            num_microbatches=n_micro,
+            seq_length=max(b["tokens"].shape[1] for b in batches),
+            micro_batch_size=mbs,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return losses, float(grad_norm) if grad_norm is not None else None, ok
+
+    def train_step(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        got = self.collector.collect()
+        samples = self.collector.samples(got.groups)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
+        train_start = time.perf_counter()
+        if got.groups_trained > 0:
+            losses, grad_norm, ok = self._train(samples)
+            self.engine.refit()
+        else:  # dynamic sampling found no group with signal: no update
+            losses, grad_norm, ok = [], None, False
+            log.warning(
+                "step %d: no group with a learning signal; skipping the update", self.state.step + 1
+            )
+        train_s = time.perf_counter() - train_start
+        reduced = reduce_metrics(losses)
+        train_tokens = _sum_over_dp(sum(s.num_positions for s in samples))
+        self.state.step += 1
+        self.state.consumed_samples = self.sampler.position
+        elapsed = time.perf_counter() - start
+        row = {
+            "step": self.state.step,
+            "loss": reduced.pop("loss", 0.0),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped": not ok,
+            "step_time_s": elapsed,
+            "tokens_per_s": train_tokens / max(train_s, 1e-9),
+            "train_tokens_per_s": train_tokens / max(train_s, 1e-9),
+            "rollout_tokens_per_s": got.generated_tokens / max(got.generation_s, 1e-9),
+            "rollout_time_s": got.generation_s,
+            "train_time_s": train_s,
+            "prompt_position": self.sampler.position,
+            "groups/generated": got.groups_generated,
+            "groups/trained": got.groups_trained,
+            "groups/rounds": got.rounds,
+            "groups/probes": got.probes,
+        }
+        unused = {
+            "kl": self.ref_model is None,
+            "is_ratio_mean": self.loss_cfg.is_correction == "none",
+            "dual_clip_frac": self.loss_cfg.dual_clip_c is None,
+        }
+        row.update({k: v for k, v in reduced.items() if k not in row and not unused.get(k)})
+        row.update(rollout_metrics(got.rows, self.mode_weight))
+        self._log_rollouts(got)
+        log.info(
+            "step %d | reward %.3f | acc %.3f | think_on %.3f | tokens %.1f",
+            row["step"],
+            row.get("reward/total", 0.0),
+            row.get("acc", 0.0),
+            row.get("think_on_rate", 0.0),
+            row.get("response_tokens", 0.0),
+        )
+        return row
+
+    def _log_rollouts(self, got) -> None:
+        """Append this step's drawn prompt ids and example rollouts to rollouts.jsonl (rank 0;
+        rows after a resumed step are dropped first)."""
+        if self.rank != 0:
+            return
+        if not self._log_truncated:
+            self._log_truncated = True
+            keep = []
+            if self.rollout_log.exists():
+                for line in self.rollout_log.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] < self.state.step:
+                            keep.append(line + "\n")
+                    except (json.JSONDecodeError, KeyError):
+                        continue
+            atomic_write_text(self.rollout_log, "".join(keep))
+        row = {"step": self.state.step, "prompt_ids": got.prompt_ids, "examples": got.examples}
+        with open(self.rollout_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=str) + "\n")
