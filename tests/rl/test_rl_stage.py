@@ -196,9 +196,10 @@ LEARN_KEYS = ("reward/total", "reward/answer", "acc", "acc/easy", "acc/hard",
 
 
 def test_step_srpo_learns_to_answer_easy_prompts_directly(task, sft_ckpt, kat, metrics):
-    """30 steps of 8 prompts x 8 rollouts from the SFT policy: Step-SRPO, then GRPO (printed
-    for comparison, not asserted: GRPO moves the easy think-on rate only through accuracy
-    differences between the modes, which vary from one SFT policy to the next).
+    """30 steps of 8 prompts x 8 rollouts of Step-SRPO from the SFT policy. (GRPO was measured
+    for comparison, below; it is not run in the suite, to save its time: GRPO moves the easy
+    think-on rate only through accuracy differences between the modes, which vary from one SFT
+    policy to the next, so there is nothing to assert about it.)
 
     Measured means over the first -> last 5 steps, from two SFT policies that differ only in
     the float summation order (1 vs 2 threads), the second also with training.seed=8:
@@ -216,7 +217,7 @@ def test_step_srpo_learns_to_answer_easy_prompts_directly(task, sft_ckpt, kat, m
         "optimizer.warmup_steps": 3,
     }
     runs = {}
-    for estimator in ("step_srpo", "grpo"):
+    for estimator in ("step_srpo",):
         over = {**common, "rl.advantages": {"estimator": estimator}}
         config = rl_config(task, sft_ckpt, f"learn_{estimator}", **over)
         start = time.perf_counter()

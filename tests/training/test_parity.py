@@ -30,13 +30,14 @@ pytestmark = pytest.mark.timeout(1800)  # the module fixture runs ~20 trainings
 STEPS = 10
 REL_TOL = 1e-5
 
-# name -> (model overrides, {layout: (ranks, overrides)})
+# name -> (model overrides, {layout: (ranks, overrides)}). Plain PP=2 (dense) and TP=2 / PP=2
+# alone (MoE) are left out for suite time: tp2_pp2 runs the same TP (with sequence parallelism)
+# and 1F1B pipeline paths together, and the MTP variant runs pp2.
 VARIANTS = {
     "tiny-dense": (
         ["model.preset=tiny-dense"],
         {
             "tp2": (2, ["parallel.tp=2"]),
-            "pp2": (2, ["parallel.pp=2"]),
             "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
             "dp2": (2, []),
             "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
@@ -45,8 +46,6 @@ VARIANTS = {
     "tiny-moe": (
         ["model.preset=tiny-moe"],
         {
-            "tp2": (2, ["parallel.tp=2"]),
-            "pp2": (2, ["parallel.pp=2"]),
             "ep2": (2, ["parallel.ep=2"]),
             "dp2": (2, []),
             "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
@@ -146,7 +145,7 @@ def _dump_logits(config: Path, ckpt: Path, out: Path, nproc: int, overrides: lis
     return torch.load(out)
 
 
-@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny-moe"])  # the dense case is a subset of its paths
 def test_reshard_on_load(runs, preset, tmp_path):
     """TP2xPP2 checkpoint -> TP1 logits, and TP1 checkpoint -> TP2xPP2 logits, agree.
 
