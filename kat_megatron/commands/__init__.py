@@ -4,4 +4,16 @@ A command module adds its parser(s) and sets `func` (a callable taking the parse
 returning an exit code). Add new modules to `COMMANDS`; keep them thin (parse, build, run).
 """
 
-COMMANDS = ["train", "model", "data", "submit", "jobs", "plan", "convert", "serve", "eval", "kd"]
+COMMANDS = [
+    "train",
+    "model",
+    "data",
+    "submit",
+    "jobs",
+    "plan",
+    "convert",
+    "kd",
+    "serve",
+    "eval",
+    "demo",
+]

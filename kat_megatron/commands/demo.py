@@ -1,0 +1,41 @@
+"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--restart]` (what `make demo` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def run(args: argparse.Namespace) -> int:
+    from kat_megatron.demo.pipeline import run_demo
+    from kat_megatron.demo.runner import StepFailed
+
+    start = time.perf_counter()
+    try:
+        report = run_demo(args.out, quick=args.quick, nproc=args.nproc, restart=args.restart)
+    except StepFailed as err:
+        print(f"demo failed: {err}", file=sys.stderr)
+        print("fix the cause and rerun the same command: finished steps are skipped",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {report}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole AutoThink pipeline on the tiny default (CPU)",
+        description=(
+            "Pretrain a tiny teacher, MTP-KD a student, build AutoThink data against the served "
+            "teacher, SFT, Step-SRPO, evaluate in three modes, export to Hugging Face and write "
+            "OUT/report.md. Every step is a real kat command on --nproc gloo ranks; logs go to "
+            "OUT/logs/. A rerun resumes after the last finished step."
+        ),
+    )
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (for CI)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per step (default 2: TP=2)")
+    p.add_argument("--restart", action="store_true", help="delete OUT and start over")
+    p.set_defaults(func=run)

@@ -1,0 +1,248 @@
+"""`kat demo [--out runs/demo] [--quick] [--nproc 2]`: the whole AutoThink pipeline, tiny, on CPU.
+
+Steps (each a real `kat` command on `--nproc` gloo ranks; configs in `examples/demo/`):
+  1. data       synthetic easy/hard sums: teacher corpus (Megatron indexed), prompts, eval set
+  2. teacher    pretrain a tiny teacher on the corpus (`stage: pretrain`)
+  3. kd         MTP-KD a smaller student with one MTP head from the online teacher (`stage: kd`)
+  4. autothink  `kat serve` the teacher; `kat data tag` (forced-mode sampling, majority vote),
+                `kat data synthesize` (teacher answers), `kat data coldstart` (judges, SFT rows)
+  5. sft        SFT the student on the cold-start data (`stage: sft`)
+  6. rl         Step-SRPO the student (`stage: rl`)
+  7. eval       `kat eval --mode all` of the SFT and the RL student on held-out prompts
+  8. export     `kat convert mcore-to-hf` of the RL student
+  9. report     OUT/report.md with PNG plots
+A rerun skips finished steps (`OUT/.done/`); `--restart` starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kat_megatron.demo.runner import Runner
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    """Sizes of one demo run (`FULL` for `make demo`, `QUICK` for the CI test)."""
+
+    corpus_docs: int
+    prompts: int
+    eval_prompts: int
+    teacher_steps: int
+    kd_steps: int
+    sft_steps: int
+    rl_steps: int
+    samples_per_mode: int
+    eval_samples: int
+    min_sft_rows: int
+    """Fewer cold-start rows than this from the teacher are topped up with gold rows (the
+    task's reference answers, think-off for easy and think-on for hard) and the report says so."""
+
+
+FULL = DemoScale(
+    corpus_docs=8000, prompts=96, eval_prompts=64, teacher_steps=1000, kd_steps=200,
+    sft_steps=200, rl_steps=30, samples_per_mode=3, eval_samples=1, min_sft_rows=64,
+)  # fmt: skip
+QUICK = DemoScale(
+    corpus_docs=800, prompts=12, eval_prompts=8, teacher_steps=20, kd_steps=10,
+    sft_steps=10, rl_steps=2, samples_per_mode=1, eval_samples=1, min_sft_rows=16,
+)  # fmt: skip
+
+
+def latest(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run (raises if there is none)."""
+    from kat_megatron.training.checkpointing import latest_checkpoint
+
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: the run wrote no complete checkpoint")
+    return found
+
+
+class Demo:
+    """The demo's steps over one output directory."""
+
+    def __init__(self, out: Path, scale: DemoScale, nproc: int, echo=print) -> None:
+        self.out = Path(out)
+        self.s = scale
+        self.nproc = nproc
+        self.data = self.out / "data"
+        self.r = Runner(self.out, total=len(self.steps()), echo=echo)
+
+    def steps(self):
+        return [
+            ("data", self.make_data),
+            ("teacher", self.train_teacher),
+            ("kd", self.distil),
+            ("autothink", self.autothink_data),
+            ("sft", self.sft),
+            ("rl", self.rl),
+            ("eval", self.evaluate),
+            ("export", self.export),
+            ("report", self.report),
+        ]
+
+    def run(self) -> Path:
+        for name, fn in self.steps():
+            self.r.step(name, fn)
+        return self.out / "report.md"
+
+    # 1
+    def make_data(self) -> None:
+        from kat_megatron.data import synthetic_tasks as st
+        from kat_megatron.data.preprocess import preprocess_jsonl
+
+        docs = st.pretrain_documents(self.s.corpus_docs, seed=1)
+        corpus = st.write_jsonl(self.data / "corpus.jsonl", ({"text": d} for d in docs))
+        preprocess_jsonl([corpus], self.data / "corpus", "tiny", workers=1, progress=False)
+        for name, n, seed in (("prompts", self.s.prompts, 2), ("eval", self.s.eval_prompts, 3)):
+            recs = [{**st.prompt_record(ex), "intent": "math"} for ex in st.make_tasks(n, seed)]
+            st.write_jsonl(self.data / f"{name}.jsonl", recs)
+        self.r.echo(f"    {len(docs)} corpus documents, {self.s.prompts} prompts, "
+                    f"{self.s.eval_prompts} eval prompts in {self.data}")  # fmt: skip
+
+    def _train(self, config: str, run: str, *overrides: str) -> Path:
+        run_dir = self.out / run
+        self.r.kat(
+            "train", str(EXAMPLES / config), f"run.dir={run_dir}", *overrides, nproc=self.nproc
+        )
+        return latest(run_dir)
+
+    # 2
+    def train_teacher(self) -> None:
+        self._train(
+            "teacher.yaml", "teacher", f"data.paths=[{self.data / 'corpus'}]",
+            f"training.steps={self.s.teacher_steps}",
+        )  # fmt: skip
+
+    # 3
+    def distil(self) -> None:
+        self._train(
+            "student_kd.yaml", "student_kd", f"data.paths=[{self.data / 'corpus'}]",
+            f"training.steps={self.s.kd_steps}",
+            f"kd.teacher.ckpt={latest(self.out / 'teacher')}",
+        )  # fmt: skip
+
+    # 4
+    def autothink_data(self) -> None:
+        work = self.out / "autothink"
+        with self.r.serve(latest(self.out / "teacher"), nproc=self.nproc) as url:
+            client = f"client.base_url={url}"
+            self.r.kat(
+                "data", "tag", str(EXAMPLES / "tag.yaml"), client,
+                f"input={self.data / 'prompts.jsonl'}", f"output={work / 'tag'}",
+                f"samples_per_mode={self.s.samples_per_mode}",
+            )  # fmt: skip
+            self.r.kat(
+                "data", "synthesize", str(EXAMPLES / "synthesize.yaml"), client,
+                f"input={work / 'tag' / 'data.jsonl'}", f"output={work / 'synth'}",
+            )  # fmt: skip
+        self.r.kat(
+            "data", "coldstart", str(EXAMPLES / "coldstart.yaml"),
+            f"input={work / 'synth' / 'data.jsonl'}", f"output={work / 'coldstart'}",
+        )  # fmt: skip
+        self._sft_rows(work)
+
+    def _sft_rows(self, work: Path) -> None:
+        """`autothink/sft.jsonl`: the cold-start rows, topped up with gold rows if too few."""
+        from kat_megatron.data import synthetic_tasks as st
+
+        made = [json.loads(x) for x in (work / "coldstart" / "data.jsonl").read_text().splitlines()]
+        gold = []
+        if len(made) < self.s.min_sft_rows:
+            need = self.s.min_sft_rows - len(made)
+            gold = st.coldstart_records(need, seed=4, think_on_rate={"easy": 0.0, "hard": 1.0})
+            self.r.echo(
+                f"    WARNING: the teacher's pipeline kept {len(made)} rows (< {self.s.min_sft_rows}"
+                f"); adding {len(gold)} gold rows from the task's reference answers"
+            )
+        rows = [{"messages": r["messages"], "source": "pipeline"} for r in made]
+        rows += [{"messages": r["messages"], "source": "gold"} for r in gold]
+        st.write_jsonl(work / "sft.jsonl", rows)
+        stats = {"pipeline_rows": len(made), "gold_rows": len(gold)}
+        (work / "sft_stats.json").write_text(json.dumps(stats))
+        self.r.echo(f"    SFT rows: {len(made)} from the pipeline, {len(gold)} gold")
+
+    # 5
+    def sft(self) -> None:
+        self._train(
+            "student_sft.yaml", "student_sft",
+            f"data.jsonl=[{self.out / 'autothink' / 'sft.jsonl'}]",
+            f"training.steps={self.s.sft_steps}",
+            f"checkpoint.load={latest(self.out / 'student_kd')}",
+        )  # fmt: skip
+
+    # 6
+    def rl(self) -> None:
+        self._train(
+            "student_rl.yaml", "student_rl", f"rl.prompts={self.data / 'prompts.jsonl'}",
+            f"training.steps={self.s.rl_steps}",
+            f"checkpoint.load={latest(self.out / 'student_sft')}",
+        )  # fmt: skip
+
+    # 7
+    def evaluate(self) -> None:
+        for run in ("student_sft", "student_rl"):
+            self.r.kat(
+                "eval", "--ckpt", str(latest(self.out / run)),
+                "--data", str(self.data / "eval.jsonl"), "--mode", "all",
+                "--samples", str(self.s.eval_samples), "--out", str(self.out / "eval" / run),
+                "--max-new-tokens", "96", "--no-progress",
+                nproc=self.nproc,
+            )  # fmt: skip
+
+    # 8
+    def export(self) -> None:
+        self.r.kat(
+            "convert", "mcore-to-hf", "--mcore", str(latest(self.out / "student_rl")),
+            "--out", str(self.out / "hf"), "--overwrite",
+        )  # fmt: skip
+
+    # 9
+    def report(self) -> None:
+        from kat_megatron.eval.report import write_report
+
+        path = write_report(
+            self.out,
+            rl_metrics_jsonl=self.out / "student_rl" / "metrics.jsonl",
+            eval_json_by_mode={"all": self.out / "eval" / "student_rl" / "eval.json"},
+            extra_sections=self._sections(),
+            title="AutoThink demo report (the Step-SRPO student)",
+        )
+        self.r.echo(f"    report: {path}")
+
+    def _sections(self) -> dict[str, str]:
+        sft_md = (self.out / "eval" / "student_sft" / "eval.md").read_text()
+        stats = json.loads((self.out / "autothink" / "sft_stats.json").read_text())
+        data = (
+            f"Cold-start SFT rows: {stats['pipeline_rows']} built by `kat data tag/synthesize/"
+            f"coldstart` against the served teacher, {stats['gold_rows']} gold rows added "
+            "(reference answers) because the pipeline kept fewer than "
+            f"{self.s.min_sft_rows}. Summaries: `autothink/*/summary.json`."
+        )
+        rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in self.r.times.items())
+        where = "\n".join(
+            f"- {name}: `{self.out / name}`"
+            for name in ("teacher", "student_kd", "autothink", "student_sft", "student_rl",
+                         "eval", "hf", "logs")
+        )  # fmt: skip
+        return {
+            "Before RL: the SFT student": sft_md.split("\n", 1)[-1],
+            "AutoThink data": data,
+            "Step times (s)": "| step | seconds |\n|---|---|\n" + rows,
+            "Where": where,
+        }
+
+
+def run_demo(out: Path, quick: bool = False, nproc: int = 2, restart: bool = False) -> Path:
+    """Run (or resume) the demo into `out`; return the report's path."""
+    out = Path(out)
+    if restart and out.exists():
+        shutil.rmtree(out)
+    demo = Demo(out, QUICK if quick else FULL, nproc)
+    return demo.run()
