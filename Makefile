@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/kat train examples/tiny_pretrain/config.yaml --nproc 2
+	$(BIN)/kat demo --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check kat_megatron tools tests benchmarks
