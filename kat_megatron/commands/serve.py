@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
-import sys
 import time
-
-from kat_megatron.utils.io import free_port
 
 STOP_GRACE_S = 60.0
 """After a forwarded SIGTERM, how long the ranks get to stop before torchrun is terminated."""
@@ -23,14 +19,9 @@ def _launch(nproc: int, module_args: list[str]) -> int:
     """
     import psutil
 
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()),
-        "-m", "kat_megatron.cli", *module_args,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    from kat_megatron.commands.train import local_torchrun
+
+    cmd, env = local_torchrun(nproc, module_args)
     proc = subprocess.Popen(cmd, env=env)
     stopping: list[float] = []
 

@@ -15,8 +15,10 @@ def under_launcher() -> bool:
     return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ)
 
 
-def launch_local(nproc: int, module_args: list[str]) -> int:
-    """Re-run `python -m kat_megatron.cli MODULE_ARGS` on `nproc` local ranks via torchrun."""
+def local_torchrun(nproc: int, module_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) running `python -m kat_megatron.cli MODULE_ARGS` on `nproc` local
+    ranks through torchrun (loopback rendezvous on a free port; one OpenMP thread per rank
+    unless OMP_NUM_THREADS is set)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
@@ -25,6 +27,12 @@ def launch_local(nproc: int, module_args: list[str]) -> int:
         "-m", "kat_megatron.cli", *module_args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return cmd, env
+
+
+def launch_local(nproc: int, module_args: list[str]) -> int:
+    """Re-run `python -m kat_megatron.cli MODULE_ARGS` on `nproc` local ranks via torchrun."""
+    cmd, env = local_torchrun(nproc, module_args)
     return subprocess.call(cmd, env=env)
 
 

@@ -3,7 +3,7 @@
 Steps (each a real `kat` command on `--nproc` gloo ranks; configs in `examples/demo/`):
   1. data       synthetic easy/hard sums: teacher corpus (Megatron indexed), prompts, eval set
   2. teacher    pretrain a tiny teacher on the corpus (`stage: pretrain`)
-  3. kd         MTP-KD a smaller student with one MTP head from the online teacher (`stage: kd`)
+  3. kd         MTP-KD a student with one MTP head from the online teacher (`stage: kd`)
   4. autothink  `kat serve` the teacher; `kat data tag` (forced-mode sampling, majority vote),
                 `kat data synthesize` (teacher answers), `kat data coldstart` (judges, SFT rows)
   5. sft        SFT the student on the cold-start data (`stage: sft`)
@@ -45,7 +45,7 @@ class DemoScale:
 
 
 FULL = DemoScale(
-    corpus_docs=8000, prompts=96, eval_prompts=64, teacher_steps=1000, kd_steps=200,
+    corpus_docs=8000, prompts=96, eval_prompts=64, teacher_steps=1000, kd_steps=400,
     sft_steps=200, rl_steps=30, samples_per_mode=3, eval_samples=1, min_sft_rows=64,
 )  # fmt: skip
 QUICK = DemoScale(

@@ -43,7 +43,7 @@ from kat_megatron.data.autothink import (
     forced_mode_prefix,
     parse_lenient,
 )
-from kat_megatron.data.chat_template import render_chat, validate_messages
+from kat_megatron.data.chat_template import render_chat
 from kat_megatron.eval.metrics import SampleResult
 from kat_megatron.rl.types import Completion, SamplingParams
 
@@ -127,19 +127,10 @@ def stop_ids(tokenizer: Any) -> list[int]:
 
 
 def _prompt(obj: Any, line: int, default_verifier: str) -> EvalPrompt:
+    from kat_megatron.data.pipelines.io import prompt_messages
     from kat_megatron.verifiers import VERIFIERS, get_verifier
 
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        messages = obj["messages"]
-        validate_messages(messages)
-        if messages[-1]["role"] != "user":
-            raise ValueError("messages must end with a user turn")
-    elif isinstance(obj.get("query"), str) and obj["query"].strip():
-        messages = [{"role": "user", "content": obj["query"]}]
-    else:
-        raise ValueError("missing 'messages' (chat turns ending with a user turn) or 'query'")
+    messages = prompt_messages(obj)
     if obj.get("reference") is None:
         raise ValueError("missing 'reference' (the answer the verifier checks against)")
     verifier = obj.get("verifier", default_verifier)

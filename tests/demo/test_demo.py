@@ -59,7 +59,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf")
-    assert model.config.num_hidden_layers == 2  # the distilled student
+    assert model.config.num_hidden_layers == 4  # the distilled student
 
     report = (out / "report.md").read_text()
     for heading in ("## Evaluation", "## Step-SRPO training", "## Before RL: the SFT student"):

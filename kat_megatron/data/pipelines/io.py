@@ -68,9 +68,8 @@ class InputRecord:
         return row
 
 
-def _record(line: int, obj: Any, default_verifier: str) -> InputRecord:
-    from kat_megatron.verifiers import VERIFIERS
-
+def prompt_messages(obj: Any) -> list[dict[str, str]]:
+    """The prompt turns of a record: its `messages` (ending with a user turn) or its `query`."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
@@ -78,10 +77,16 @@ def _record(line: int, obj: Any, default_verifier: str) -> InputRecord:
         validate_messages(messages)
         if messages[-1]["role"] != "user":
             raise ValueError("messages must end with a user turn")
-    elif isinstance(obj.get("query"), str) and obj["query"].strip():
-        messages = [{"role": "user", "content": obj["query"]}]
-    else:
-        raise ValueError("missing 'query' (a non-empty string) or 'messages'")
+        return messages
+    if isinstance(obj.get("query"), str) and obj["query"].strip():
+        return [{"role": "user", "content": obj["query"]}]
+    raise ValueError("missing 'query' (a non-empty string) or 'messages'")
+
+
+def _record(line: int, obj: Any, default_verifier: str) -> InputRecord:
+    from kat_megatron.verifiers import VERIFIERS
+
+    messages = prompt_messages(obj)
     rid = obj.get("id", f"line-{line}")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise ValueError(f"'id' must be a string or integer, got {rid!r}")
