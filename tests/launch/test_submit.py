@@ -262,3 +262,16 @@ def test_submit_with_chain_writes_records_and_submits(capsys, tmp_path, monkeypa
     ]  # fmt: skip
     assert registry.read(run / "slurm" / "jobs.jsonl") == records
     assert records[0].checkpoints == f"{run}/checkpoints" and records[0].ranks == 2
+
+
+def test_kd_recipe_renders_offline_teacher_at_64_nodes(capsys):
+    """examples/kat_v1_40b_kd: the 64-node MTP-KD recipe validates (stage kd, PP=4 with an
+    offline teacher) and renders; the saved config keeps the kd section."""
+    out = dry_run(
+        ["examples/kat_v1_40b_kd/config.yaml", "--nodes", "64", "--gpus-per-node", "8",
+         "--partition", "batch", "--time", "04:00:00", "--container", "/lustre/images/kat.sqsh",
+         "--mounts", "/lustre:/lustre", "--chain", "6"],
+        capsys,
+    )  # fmt: skip
+    assert "#SBATCH --nodes=64" in out and "#SBATCH --job-name=kat-kat_v1_40b_kd" in out
+    assert "iter_0020000/kat_meta.json" in out  # completion check at training.steps
