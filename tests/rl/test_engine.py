@@ -49,10 +49,12 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
+    from kat_megatron.parallel.init import shutdown
     from kat_megatron.rl.engine import engine_from_checkpoint
 
     eng, _, _ = engine_from_checkpoint(ckpt, tp=1, max_batch_size=4, max_sequence_length=128)
-    return eng
+    yield eng
+    shutdown()  # later tests in this process initialise their own process group
 
 
 @pytest.fixture(scope="module")

@@ -64,11 +64,14 @@ def server(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    """The same checkpoint at TP=1 in this process."""
+    """The same checkpoint at TP=1 in this process (its process group is destroyed after the
+    module, so later tests can initialise their own)."""
+    from kat_megatron.parallel.init import shutdown
     from kat_megatron.rl.engine import engine_from_checkpoint
 
     engine, tok, _ = engine_from_checkpoint(ckpt, tp=1, max_sequence_length=192)
-    return engine
+    yield engine
+    shutdown()
 
 
 def _post(url: str, path: str, body: dict) -> httpx.Response:
