@@ -25,7 +25,6 @@ Each sample is scored by the prompt's verifier on the lenient-parsed answer of
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -46,6 +45,7 @@ from kat_megatron.data.autothink import (
 from kat_megatron.data.chat_template import render_chat
 from kat_megatron.eval.metrics import SampleResult
 from kat_megatron.rl.types import Completion, SamplingParams
+from kat_megatron.utils.io import json_line
 
 log = logging.getLogger("kat")
 
@@ -160,13 +160,9 @@ def load_prompts(
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
-                if not text.strip():
+                obj = json_line(raw)
+                if obj is None:
                     continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
                 p = _prompt(obj, n, default_verifier)
                 if p.id in seen:
                     raise ValueError(f"duplicate id {p.id!r} (first on line {seen[p.id]})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -33,3 +34,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def json_line(raw: bytes) -> object | None:
+    """One JSONL line: its value, None for a blank line; ValueError (or UnicodeDecodeError) with
+    the reason and column for text that is not UTF-8 JSON."""
+    text = raw.decode("utf-8")
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None

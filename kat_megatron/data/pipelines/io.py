@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kat_megatron.data.chat_template import validate_messages
-from kat_megatron.utils.io import atomic_write_text  # noqa: F401 (re-exported)
+from kat_megatron.utils.io import atomic_write_text, json_line  # noqa: F401 (re-exported)
 
 KNOWN_FIELDS = ("id", "query", "messages", "reference", "verifier")
 CARRIED_FIELDS = ("intent", "p_on", "p_off", "votes", "judge_vote", "unsolved")
@@ -109,13 +109,9 @@ def read_records(
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
-                if not text.strip():
+                obj = json_line(raw)
+                if obj is None:
                     raise ValueError("empty line")
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
                 rec = _record(lineno, obj, default_verifier)
                 if rec.id in seen:
                     raise ValueError(f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
