@@ -45,8 +45,8 @@ class DemoScale:
 
 
 FULL = DemoScale(
-    corpus_docs=8000, prompts=96, eval_prompts=64, teacher_steps=1000, kd_steps=1000,
-    sft_steps=200, rl_steps=30, samples_per_mode=3, eval_samples=1, min_sft_rows=64,
+    corpus_docs=8000, prompts=384, eval_prompts=128, teacher_steps=1000, kd_steps=1000,
+    sft_steps=80, rl_steps=30, samples_per_mode=2, eval_samples=1, min_sft_rows=64,
 )  # fmt: skip
 QUICK = DemoScale(
     corpus_docs=800, prompts=12, eval_prompts=8, teacher_steps=20, kd_steps=10,

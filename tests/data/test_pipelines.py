@@ -318,3 +318,17 @@ def test_solver_reasoning_no_critic_and_template_judge(server, tmp_path):
         "This is a math query that needs careful step-by-step reasoning, so I will think step "
         "by step (think-on)."
     )
+
+    cs_cfg.update(judge_templates={"think_on": "A {intent} query: steps."})
+    _run("coldstart", {**cs_cfg, "output": str(tmp_path / "cs2")})
+    (ex,) = _jsonl(tmp_path / "cs2" / "data.jsonl")
+    assert parse_strict(ex["messages"][-1]["content"]).judge == "A math query: steps."
+
+
+def test_judge_templates_are_checked():
+    from kat_megatron.data.pipelines.coldstart import ColdstartConfig
+
+    with pytest.raises(ValueError, match=r"judge_templates: unknown mode\(s\) \['think_maybe'\]"):
+        ColdstartConfig(input="x", output="y", judge_templates={"think_maybe": "x"})
+    with pytest.raises(ValueError, match=r"judge_templates.think_off: expected a string"):
+        ColdstartConfig(input="x", output="y", judge_templates={"think_off": "{mood}"})

@@ -46,6 +46,10 @@ class ColdstartConfig(PipelineConfig):
     """Writes the judge text; null: `judge_template` filled with the intent and decision."""
     judge_template: str = "This is a {intent} query that {why}, so I will {decision}."
     """Judge text when `judge_writer` is null. Fields: intent, decision, why."""
+    judge_templates: dict[str, str] = field(default_factory=dict)
+    """Per-mode judge templates (`{think_on: ..., think_off: ...}`, same fields) used instead of
+    `judge_template` for the modes listed, when `judge_writer` is null: e.g. the short judge
+    texts a tiny model saw in pretraining (a long unseen text makes SFT rewrite the model)."""
     intent_classifier: RoleConfig | None = None
     """Model that names the intent of records without one; None: such records get "other"."""
     intents: list[str] = field(default_factory=lambda: list(DEFAULT_INTENTS))
@@ -62,12 +66,21 @@ class ColdstartConfig(PipelineConfig):
             self.intents = [*self.intents, "other"]
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts={self.max_attempts}: expected >= 1")
-        try:
-            self.judge_template.format(intent="x", decision="x", why="x")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"judge_template: expected fields among {{intent}}, {{decision}}, {{why}}: {err}"
-            ) from err
+        bad = sorted(set(self.judge_templates) - set(MODES))
+        if bad:
+            raise ValueError(f"judge_templates: unknown mode(s) {bad}; expected among {list(MODES)}")
+        named = [("judge_template", self.judge_template)]
+        named += [(f"judge_templates.{m}", t) for m, t in self.judge_templates.items()]
+        for name, template in named:
+            try:
+                if not isinstance(template, str):
+                    raise ValueError(f"expected a string, got {template!r}")
+                template.format(intent="x", decision="x", why="x")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(
+                    f"{name}: expected a string with fields among {{intent}}, {{decision}}, "
+                    f"{{why}}: {err}"
+                ) from err
 
 
 def record_mode(rec: InputRecord, margin: float) -> str | None:
@@ -107,7 +120,8 @@ def write_judge(
     cfg: ColdstartConfig = ctx.cfg
     decision, why = prompts.DECISIONS[mode]
     if cfg.judge_writer is None:
-        return cfg.judge_template.format(intent=intent, decision=decision, why=why)
+        template = cfg.judge_templates.get(mode, cfg.judge_template)
+        return template.format(intent=intent, decision=decision, why=why)
     ask = (cfg.judge_writer.prompt or prompts.JUDGE_WRITER_PROMPT).format(
         query=rec.query, intent=intent, decision=decision, why=why
     )
