@@ -68,7 +68,9 @@ class ColdstartConfig(PipelineConfig):
             raise ValueError(f"max_attempts={self.max_attempts}: expected >= 1")
         bad = sorted(set(self.judge_templates) - set(MODES))
         if bad:
-            raise ValueError(f"judge_templates: unknown mode(s) {bad}; expected among {list(MODES)}")
+            raise ValueError(
+                f"judge_templates: unknown mode(s) {bad}; expected among {list(MODES)}"
+            )
         named = [("judge_template", self.judge_template)]
         named += [(f"judge_templates.{m}", t) for m, t in self.judge_templates.items()]
         for name, template in named:
