@@ -217,14 +217,21 @@ class Demo:
         self.r.echo(f"    report: {path}")
 
     def _sections(self) -> dict[str, str]:
-        sft_md = (self.out / "eval" / "student_sft" / "eval.md").read_text()
+        sft_md = (self.out / "eval" / "student_sft" / "eval.md").read_text().split("\n", 1)[-1]
+        for png in ("accuracy.png", "tokens.png"):  # the SFT run's own plots, not the report's
+            sft_md = sft_md.replace(f"]({png})", f"](eval/student_sft/{png})")
+        sft_md = sft_md.replace("\n## ", "\n### ")
         stats = json.loads((self.out / "autothink" / "sft_stats.json").read_text())
         data = (
             f"Cold-start SFT rows: {stats['pipeline_rows']} built by `kat data tag/synthesize/"
-            f"coldstart` against the served teacher, {stats['gold_rows']} gold rows added "
-            "(reference answers) because the pipeline kept fewer than "
-            f"{self.s.min_sft_rows}. Summaries: `autothink/*/summary.json`."
+            "coldstart` against the served teacher"
         )
+        if stats["gold_rows"]:
+            data += (
+                f", plus {stats['gold_rows']} gold rows (reference answers) because the pipeline "
+                f"kept fewer than {self.s.min_sft_rows}"
+            )
+        data += ". Summaries: `autothink/*/summary.json`."
         rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in self.r.times.items())
         where = "\n".join(
             f"- {name}: `{self.out / name}`"
@@ -232,7 +239,7 @@ class Demo:
                          "eval", "hf", "logs")
         )  # fmt: skip
         return {
-            "Before RL: the SFT student": sft_md.split("\n", 1)[-1],
+            "Before RL: the SFT student": sft_md,
             "AutoThink data": data,
             "Step times (s)": "| step | seconds |\n|---|---|\n" + rows,
             "Where": where,

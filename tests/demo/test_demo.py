@@ -66,6 +66,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
         assert heading in report
     for png in ("accuracy.png", "tokens.png", "rl_reward.png", "rl_think_on_rate.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in report
+    for png in ("eval/student_sft/accuracy.png", "eval/student_sft/tokens.png"):  # SFT section
+        assert (out / png).stat().st_size > 1000 and f"({png})" in report
 
     again = _demo(out)
     assert again.count("done earlier") == 9
