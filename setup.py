@@ -1,13 +1,14 @@
 """Install: `pip install -e .[dev]` (CPU) or `pip install -e .[gpu]` (adds Transformer Engine)."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="kat_megatron",
     version="0.1.0",
     description="Training stack for AutoThink (KAT-V1 style) reasoning models on Megatron-Core",
     python_requires=">=3.10",
-    packages=find_packages(include=["kat_megatron", "kat_megatron.*"]),
+    # namespace packages too: the asset folders (tokenizer, chat templates) are package data
+    packages=find_namespace_packages(include=["kat_megatron", "kat_megatron.*"]),
     package_data={"kat_megatron": ["assets/**/*"]},
     include_package_data=True,
     install_requires=[
