@@ -439,7 +439,9 @@ RL_SUBSECTIONS = {
 @dataclass
 class RLConfig:
     """Step-SRPO / GRPO (`stage: rl`, docs/rl_trainer.md). `training.steps` counts RL steps (one
-    rollout batch and one optimizer step each); `optimizer` configures the policy's Adam."""
+    rollout batch each, trained with `ppo_epochs * mini_batches` optimizer steps, one by
+    default); `optimizer` configures the policy's Adam, whose schedule advances once per RL
+    step."""
 
     prompts: str | None = None
     """Prompt records: a JSONL file or a saved `datasets` directory with `messages`,
@@ -473,6 +475,12 @@ class RLConfig:
     evidence for the mode reward (never trained on). 0 disables."""
     micro_batch_size: int = 8
     """Rollouts per training micro-batch (per data-parallel rank)."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts (verl's ppo_epochs, TRL's num_iterations)."""
+    mini_batches: int = 1
+    """Optimizer steps per pass: each rank's rollouts are split, in order, into this many
+    mini-batches. With ppo_epochs * mini_batches > 1 the old log-probs are the policy's own
+    before the step's first update (one extra forward pass), so the PPO clip takes effect."""
     max_sequence_length: int = 512
     """Prompt + response tokens; longer prompts (with max_new_tokens) are skipped at load."""
     shuffle: bool = True
@@ -483,8 +491,8 @@ class RLConfig:
     """Rollouts per step written (text, rewards) to `<run.dir>/rollouts.jsonl`."""
 
     def __post_init__(self) -> None:
-        for name in ("prompts_per_step", "group_size", "micro_batch_size",
-                     "max_sequence_length", "engine_max_batch_size"):  # fmt: skip
+        for name in ("prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs",
+                     "mini_batches", "max_sequence_length", "engine_max_batch_size"):  # fmt: skip
             _positive("rl", name, getattr(self, name))
         for name in ("max_refill_rounds", "forced_probes", "log_rollouts"):
             _positive("rl", name, getattr(self, name), allow_zero=True)

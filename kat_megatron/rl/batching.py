@@ -34,10 +34,13 @@ class RolloutSample:
     """The engine's log p of each response token when it sampled it."""
     ref_logprobs: list[float] | None = None
     """The frozen reference model's log p of each response token (KL terms)."""
+    old_logprobs: list[float] | None = None
+    """The trained policy's log p before this step's first update (rl.ppo_epochs /
+    rl.mini_batches > 1); None: the training forward's own detached values."""
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
-        for name in ("advantages", "rollout_logprobs", "ref_logprobs"):
+        for name in ("advantages", "rollout_logprobs", "ref_logprobs", "old_logprobs"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"RolloutSample.{name}: {len(value)} values for {n} tokens")
@@ -55,9 +58,14 @@ def pad_multiple_for(tp: int) -> int:
 
 
 def collate_rollouts(
-    samples: list[RolloutSample | None], pad_id: int, pad_multiple: int, with_ref: bool = False
+    samples: list[RolloutSample | None],
+    pad_id: int,
+    pad_multiple: int,
+    with_ref: bool = False,
+    with_old: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tensors `[b, s]` of one micro-batch (None entries are all-padding rows without loss)."""
+    """Tensors `[b, s]` of one micro-batch (None entries are all-padding rows without loss);
+    `ref_logprobs` / `old_logprobs` only when asked for (every real sample must have them)."""
     real = [s.num_positions for s in samples if s is not None]
     length = max(real, default=1)
     length = -(-length // pad_multiple) * pad_multiple
@@ -70,8 +78,9 @@ def collate_rollouts(
         "advantages": torch.zeros(b, length),
         "rollout_logprobs": torch.zeros(b, length),
     }
-    if with_ref:
-        out["ref_logprobs"] = torch.zeros(b, length)
+    extra = [n for n, on in (("ref_logprobs", with_ref), ("old_logprobs", with_old)) if on]
+    for name in extra:
+        out[name] = torch.zeros(b, length)
     for i, s in enumerate(samples):
         if s is None:
             continue
@@ -82,10 +91,11 @@ def collate_rollouts(
         out["loss_mask"][i, start : start + r] = 1.0
         out["advantages"][i, start : start + r] = torch.tensor(s.advantages)
         out["rollout_logprobs"][i, start : start + r] = torch.tensor(s.rollout_logprobs)
-        if with_ref:
-            if s.ref_logprobs is None:
-                raise ValueError("collate_rollouts(with_ref=True): a sample lacks ref_logprobs")
-            out["ref_logprobs"][i, start : start + r] = torch.tensor(s.ref_logprobs)
+        for name in extra:
+            values = getattr(s, name)
+            if values is None:
+                raise ValueError(f"collate_rollouts: a sample lacks {name}")
+            out[name][i, start : start + r] = torch.tensor(values)
     return out
 
 
@@ -101,6 +111,7 @@ def microbatches(
     pad_id: int,
     pad_multiple: int,
     with_ref: bool = False,
+    with_old: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """`n_micro` micro-batches of `mbs` rows from this rank's rollouts, in order; slots past
     the last rollout are all-padding rows (every DP rank must run the same number of
@@ -109,7 +120,7 @@ def microbatches(
         raise ValueError(f"{len(samples)} rollouts do not fit {n_micro} x {mbs} rows")
     slots: list[RolloutSample | None] = list(samples) + [None] * (n_micro * mbs - len(samples))
     return [
-        collate_rollouts(slots[k * mbs : (k + 1) * mbs], pad_id, pad_multiple, with_ref)
+        collate_rollouts(slots[k * mbs : (k + 1) * mbs], pad_id, pad_multiple, with_ref, with_old)
         for k in range(n_micro)
     ]
 

@@ -83,17 +83,19 @@ def rl_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Loss function of one micro-batch: `policy_loss` on the response tokens.
 
-    The trainer takes one optimizer step per rollout batch, so the policy that sampled is the
-    one being differentiated: old log-probs are this forward's own values, detached (ratio 1,
-    gradient = the policy gradient); the rollout engine's log-probs enter through
+    Old log-probs are `batch["old_logprobs"]` when the trainer takes several updates per
+    rollout batch (the policy before the first of them); with one update the policy that
+    sampled is the one being differentiated, so they are this forward's own values, detached
+    (ratio 1, gradient = the policy gradient). The rollout engine's log-probs enter through
     `is_correction`. Metrics are `[sum, count]` pairs, plus `loss` = [loss_sum, normaliser].
     """
     logp_bs, entropy_bs = token_logprobs(
         logits_bsv, batch["labels"], with_entropy=True, entropy_grad=cfg.entropy_coef != 0
     )
+    old_bs = batch.get("old_logprobs")
     loss_sum, normaliser, metrics = policy_loss(
         logp_bs,
-        logp_bs.detach(),
+        logp_bs.detach() if old_bs is None else old_bs,
         batch["advantages"],
         batch["loss_mask"],
         cfg,

@@ -6,8 +6,10 @@ NeMo-Aligner's RL loop on Megatron-Core, colocated: each step (one `training.ste
    policy weights (`kat_megatron/rl/rollouts.py`: scores, forced-mode probes, reference
    log-probs, advantages per group, dynamic sampling);
 2. trains on them with `get_forward_backward_func` (`rl/logprobs.py`: log-probs and entropy
-   from vocab-sharded logits, `losses/policy.py`), gradients normalised over the global batch;
-3. takes one optimizer step and refits the engine (a no-op for the colocated engine; an
+   from vocab-sharded logits, `losses/policy.py`), gradients normalised over the (mini-)batch:
+   one optimizer step by default, or `rl.ppo_epochs` passes of `rl.mini_batches` steps each,
+   against the old log-probs of the policy before the first of them;
+3. advances the LR schedule once and refits the engine (a no-op for the colocated engine; an
    external engine gets the weights through its `WeightSync`).
 Model build, DDP + distributed optimizer, scheduler, checkpoints, resume, signals and metrics
 sinks are `training/loop.py`'s `Trainer`; this subclass adds the RL state (the prompt sampler's
@@ -159,6 +161,18 @@ class RLTrainer(Trainer):
         self.sampler.position = int(state["prompt_position"])
 
     # ----------------------------------------------------------------------------- one step
+    def _response_logprobs(self, model: list, samples: list[RolloutSample]) -> list:
+        """`model`'s log p of every response token of `samples`, no grad (collective over DP:
+        every rank runs the same number of micro-batches)."""
+        mbs = self.cfg.rl.micro_batch_size
+        n_micro = _max_over_dp(num_microbatches(len(samples), mbs))
+        batches = microbatches(samples, mbs, n_micro, self.pad_id, self.pad_multiple)
+        values: list = []
+        for k, logp_bs in enumerate(forward_logprobs(model, batches)):
+            chunk = samples[k * mbs : (k + 1) * mbs]
+            values += response_values(logp_bs, chunk + [None] * (mbs - len(chunk)))
+        return values[: len(samples)]
+
     def _reference_logprobs(self, groups: list[Group]) -> None:
         """Fill `group.ref_logprobs` with the reference policy's log-probs (collective)."""
         samples = [
@@ -168,24 +182,21 @@ class RLTrainer(Trainer):
             for g in groups
             for c in g.completions
         ]
-        mbs = self.cfg.rl.micro_batch_size
-        n_micro = _max_over_dp(num_microbatches(len(samples), mbs))
-        batches = microbatches(samples, mbs, n_micro, self.pad_id, self.pad_multiple)
-        values: list = []
-        for k, logp_bs in enumerate(forward_logprobs(self.ref_model, batches)):
-            chunk = samples[k * mbs : (k + 1) * mbs]
-            values += response_values(logp_bs, chunk + [None] * (mbs - len(chunk)))
+        values = self._response_logprobs(self.ref_model, samples)
         i = 0
         for g in groups:
             g.ref_logprobs = values[i : i + len(g.completions)]
             i += len(g.completions)
 
-    def _train(self, samples: list[RolloutSample]) -> tuple[list, float, bool]:
-        """Forward-backward over this rank's rollouts and one optimizer step."""
+    def _update(self, samples: list[RolloutSample], with_old: bool) -> tuple[list, float, bool]:
+        """Forward-backward over `samples` (this rank's part of a mini-batch) and one optimizer
+        step."""
         mbs = self.cfg.rl.micro_batch_size
         n_micro = _max_over_dp(num_microbatches(len(samples), mbs))
         with_ref = self.ref_model is not None
-        batches = microbatches(samples, mbs, n_micro, self.pad_id, self.pad_multiple, with_ref)
+        batches = microbatches(
+            samples, mbs, n_micro, self.pad_id, self.pad_multiple, with_ref, with_old
+        )
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -199,9 +210,34 @@ class RLTrainer(Trainer):
             forward_only=False,
         )
         ok, grad_norm, _ = self.optimizer.step()
-        if ok:
-            self.scheduler.step(increment=1)
         return losses, float(grad_norm) if grad_norm is not None else None, ok
+
+    def _train(self, samples: list[RolloutSample]) -> tuple[list, float, bool, int]:
+        """`rl.ppo_epochs` passes over this rank's rollouts, each in `rl.mini_batches`
+        optimizer steps; the LR schedule advances once. Returns (losses of every update, mean
+        grad norm, whether any update was applied, updates applied)."""
+        rl = self.cfg.rl
+        several = rl.ppo_epochs * rl.mini_batches > 1
+        if several:  # the policy before the first update: the PPO ratio's denominator
+            for sample, old in zip(samples, self._response_logprobs(self.model, samples)):
+                sample.old_logprobs = old
+        k, extra = divmod(len(samples), rl.mini_batches)  # contiguous, sizes differ by <= 1
+        bounds = [i * k + min(i, extra) for i in range(rl.mini_batches + 1)]
+        parts = [samples[a:b] for a, b in zip(bounds, bounds[1:])]
+        parts = [p for p in parts if _sum_over_dp(len(p)) > 0]  # same decision on every rank
+        losses, norms, applied = [], [], 0
+        for _ in range(rl.ppo_epochs):
+            for part in parts:
+                out, grad_norm, ok = self._update(part, with_old=several)
+                losses += out
+                if ok:
+                    applied += 1
+                    if grad_norm is not None:
+                        norms.append(grad_norm)
+        if applied:
+            self.scheduler.step(increment=1)
+        mean_norm = sum(norms) / len(norms) if norms else None
+        return losses, mean_norm, applied > 0, applied
 
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -210,10 +246,10 @@ class RLTrainer(Trainer):
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         train_start = time.perf_counter()
         if got.groups_trained > 0:
-            losses, grad_norm, ok = self._train(samples)
+            losses, grad_norm, ok, updates = self._train(samples)
             self.engine.refit()
         else:  # dynamic sampling found no group with signal: no update
-            losses, grad_norm, ok = [], None, False
+            losses, grad_norm, ok, updates = [], None, False, 0
             log.warning(
                 "step %d: no group with a learning signal; skipping the update", self.state.step + 1
             )
@@ -229,6 +265,7 @@ class RLTrainer(Trainer):
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped": not ok,
+            "updates": updates,
             "step_time_s": elapsed,
             "tokens_per_s": train_tokens / max(train_s, 1e-9),
             "train_tokens_per_s": train_tokens / max(train_s, 1e-9),

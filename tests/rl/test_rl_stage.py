@@ -153,6 +153,33 @@ def test_rl_steps_tp2_match_one_rank(task, sft_ckpt, kat, metrics):
     assert a[1]["kl"] > 0
 
 
+def test_ppo_epochs_and_mini_batches_tp2_match_one_rank(task, sft_ckpt, kat, metrics):
+    """rl.ppo_epochs=2 x rl.mini_batches=2: four optimizer steps per RL step against the old
+    log-probs of the policy before the first, so the PPO ratio leaves 1 and the clip acts; the
+    LR schedule advances once per RL step (warmup 2: lr 0 at step 1, half at step 2); TP=2
+    reproduces one rank."""
+    over = {"rl.ppo_epochs": 2, "rl.mini_batches": 2, "optimizer.lr": 1e-2,
+            "optimizer.min_lr": 1e-2, "optimizer.warmup_steps": 2}  # fmt: skip
+    kat(["train", str(rl_config(task, sft_ckpt, "ppo_tp1", **over))])
+    kat(["train", str(rl_config(task, sft_ckpt, "ppo_tp2", **over, **{"parallel.tp": 2}))],
+        nproc=2)  # fmt: skip
+    a, b = metrics(task / "ppo_tp1"), metrics(task / "ppo_tp2")
+    assert [r["updates"] for r in a] == [r["updates"] for r in b] == [4, 4]
+    assert [r["lr"] for r in a] == [0.0, pytest.approx(5e-3)]
+    for ra, rb in zip(a, b):
+        na, nb = numeric(ra), numeric(rb)
+        for key in ("reward/total", "response_tokens", "acc"):
+            assert na[key] == nb[key], (key, na[key], nb[key])  # the same rollouts
+        for key in ("grad_norm", "loss", "pg_loss", "clip_frac", "approx_kl"):
+            diff = abs(na[key] - nb[key])
+            print(f"step {ra['step']} {key}: tp1 {na[key]:.6g} tp2 {nb[key]:.6g} diff {diff:.1e}")
+            assert diff <= 1e-4 * abs(na[key]) + 1e-6, key
+    # lr 0: the policy does not move, every ratio stays 1 (up to padding-dependent rounding)
+    assert a[0]["approx_kl"] < 1e-8 and a[0]["clip_frac"] == 0
+    # then the later updates of a step see the earlier ones: ratios leave 1 and get clipped
+    assert a[1]["approx_kl"] > 1e-5 and a[1]["clip_frac"] > 0
+
+
 def test_resume_continues_prompt_order(task, sft_ckpt, kat, metrics):
     over = {
         "training.steps": 4,

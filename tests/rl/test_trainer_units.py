@@ -100,6 +100,14 @@ def test_collate_places_response_values_after_the_prompt():
     assert torch.allclose(b["ref_logprobs"][1, :1], torch.tensor([-0.6]))
     assert b["labels"][1, 0] == 2 and b["loss_mask"][1].sum() == 1
     assert b["loss_mask"][2].sum() == 0 and b["position_ids"][2].tolist() == list(range(8))
+    assert "old_logprobs" not in b  # only with rl.ppo_epochs / rl.mini_batches > 1
+    s.old_logprobs, short.old_logprobs = [-0.7, -0.8], [-0.9]
+    b = collate_rollouts([s, short, None], pad_id=0, pad_multiple=8, with_old=True)
+    assert torch.allclose(b["old_logprobs"][0, 2:4], torch.tensor([-0.7, -0.8]))
+    assert torch.allclose(b["old_logprobs"][1, :1], torch.tensor([-0.9]))
+    short.old_logprobs = None
+    with pytest.raises(ValueError, match="a sample lacks old_logprobs"):
+        collate_rollouts([s, short], pad_id=0, pad_multiple=8, with_old=True)
 
 
 def test_microbatches_pad_to_the_common_count():
@@ -152,6 +160,8 @@ def test_rl_config_section(tmp_path):
         "rl.advantages.estimator=ppo": "rl.advantages.estimator='ppo': unknown",
         "rl.rewards.overlong_buffer=40": "rl.rewards.overlong_buffer=40",
         "rl.group_size=1": "rl.group_size=1: expected >= 2",
+        "rl.ppo_epochs=0": "rl.ppo_epochs",
+        "rl.mini_batches=0": "rl.mini_batches",
         "parallel.pp=2": "stage rl: the colocated rollout engine needs parallel.pp=1",
         "rl.sampling.max_new_tokens=600": "rl.sampling.max_new_tokens=600 leaves no room",
     }
