@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-from kat_megatron.utils.io import free_port
-
 
 def under_launcher() -> bool:
     """True inside torchrun or an `srun` task that has a rendezvous address."""
@@ -17,13 +15,13 @@ def under_launcher() -> bool:
 
 def local_torchrun(nproc: int, module_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """(command, environment) running `python -m kat_megatron.cli MODULE_ARGS` on `nproc` local
-    ranks through torchrun (loopback rendezvous on a free port; one OpenMP thread per rank
-    unless OMP_NUM_THREADS is set)."""
+    ranks through torchrun (`--standalone`: a loopback rendezvous whose port the OS picks when
+    torchrun binds it, so concurrent jobs never race for one; one OpenMP thread per rank unless
+    OMP_NUM_THREADS is set)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()),
+        "--standalone",
         "-m", "kat_megatron.cli", *module_args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

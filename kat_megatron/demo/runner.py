@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kat_megatron.utils.io import atomic_write_text, free_port
+from kat_megatron.utils.io import atomic_write_text
 
 _SHOW = re.compile(r"(INFO rank0\]|WARNING|ERROR|Error|error:|Traceback)")
 _BAR = re.compile(r"^(.*?)\s*(\d+)%\|")
@@ -131,12 +131,14 @@ class Runner:
 
     @contextlib.contextmanager
     def serve(self, ckpt: Path, nproc: int, timeout_s: float = 300) -> Iterator[str]:
-        """`kat serve` on a free loopback port for the block; yields its base URL (.../v1)."""
+        """`kat serve` on a free loopback port for the block; yields its base URL (.../v1). The
+        port is 0 (the OS picks one when the server binds, after loading the model): a port
+        chosen earlier could be taken meanwhile; the ready file names the real one."""
         ready = self.out / "logs" / f"serve_{os.getpid()}.ready"
         ready.unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "kat_megatron.cli", "serve", "--ckpt", str(ckpt),
-            "--port", str(free_port()), "--ready-file", str(ready), "--nproc", str(nproc),
+            "--port", "0", "--ready-file", str(ready), "--nproc", str(nproc),
             "--reasoning-parser", "autothink",
         ]  # fmt: skip
         with self.background(cmd) as proc:

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kat_megatron.utils.io import free_port
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -104,7 +102,7 @@ def run_torchrun(script: Path, args: list[str], nproc: int, timeout: int = 900):
     """Run `script ARGS` on `nproc` local gloo ranks; assert it succeeded."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args,
+        "--standalone", str(script), *args,
     ]  # fmt: skip
     proc = subprocess.run(
         cmd,

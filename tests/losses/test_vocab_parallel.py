@@ -24,7 +24,6 @@ from kat_megatron.losses.vocab_parallel import (
     vocab_parallel_ce_kl,
     vocab_parallel_topk,
 )
-from kat_megatron.utils.io import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -137,9 +136,8 @@ def tp_results(tmp_path_factory):
     """Run tp_kd_worker.py on TP=2 gloo ranks once; {rank: results} and the full inputs."""
     out = tmp_path_factory.mktemp("tp_kd")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(TP),
-           "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--standalone",
            str(Path(W.__file__)), str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-4000:]

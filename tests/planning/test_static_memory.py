@@ -27,7 +27,6 @@ from kat_megatron.config import load_config  # noqa: E402
 from kat_megatron.planning.inventory import expand, stage_inventory  # noqa: E402
 from kat_megatron.planning.layout import Layout  # noqa: E402
 from kat_megatron.planning.static import static_memory  # noqa: E402
-from kat_megatron.utils.io import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RANKS = 4
@@ -40,8 +39,7 @@ def measured(tmp_path_factory) -> dict[str, list[dict]]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(RANKS),
-        "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()),
+        "--standalone",
         str(REPO / "tests" / "planning" / "measure_static.py"),
         "--out", str(out), *CASES,
     ]  # fmt: skip

@@ -32,7 +32,6 @@ from kat_megatron.rl.sampling import (
     sample_tokens_b,
 )
 from kat_megatron.rl.types import SamplingParams
-from kat_megatron.utils.io import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,7 +67,7 @@ def tp2(ckpt, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("engine_tp2")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--standalone",
            str(Path(W.__file__)), str(ckpt), str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -38,7 +38,6 @@ from kat_megatron.data.synthetic_tasks import (
     prompt_record,
     write_jsonl,
 )
-from kat_megatron.utils.io import free_port
 
 pytestmark = pytest.mark.timeout(1800)  # several multi-rank trainings
 REPO = Path(__file__).resolve().parents[2]
@@ -116,7 +115,7 @@ def test_rollout_logprobs_equal_trainer_logprobs_tp2(sft_ckpt, tmp_path):
     out = tmp_path / "worker.json"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "--standalone",
         str(REPO / "tests" / "rl" / "rl_worker.py"), str(sft_ckpt), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

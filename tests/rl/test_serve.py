@@ -23,7 +23,6 @@ import torch
 from kat_megatron.data.autothink import strip_reasoning
 from kat_megatron.data.chat_template import render_chat
 from kat_megatron.data.llm_client import LLMClient, LLMClientConfig
-from kat_megatron.utils.io import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,7 +43,7 @@ def server(ckpt, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     ready = d / "ready.txt"
     cmd = [sys.executable, "-m", "kat_megatron.cli", "serve", "--ckpt", str(ckpt), "--nproc", "2",
-           "--port", str(free_port()), "--ready-file", str(ready), "--max-sequence-length", "192",
+           "--port", "0", "--ready-file", str(ready), "--max-sequence-length", "192",
            "--max-batch-size", "8"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(d / "out.log", "w") as out, open(d / "err.log", "w") as err:

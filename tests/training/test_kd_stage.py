@@ -28,7 +28,6 @@ import pytest
 import yaml
 
 from kat_megatron.config import load_config
-from kat_megatron.utils.io import free_port
 
 pytestmark = pytest.mark.timeout(900)  # ten CLI runs of a few seconds of compute each
 
@@ -145,7 +144,7 @@ def test_student_heads_match_megatron_core_mtp_loss(tmp_path):
     out = tmp_path / "heads.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--standalone",
            str(WORKER), "heads", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

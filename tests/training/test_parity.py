@@ -23,7 +23,6 @@ import torch
 import yaml
 
 from kat_megatron.training.checkpointing import latest_checkpoint
-from kat_megatron.utils.io import free_port
 
 pytestmark = pytest.mark.timeout(1800)  # the module fixture runs ~20 trainings
 
@@ -121,10 +120,7 @@ def _dump_logits(config: Path, ckpt: Path, out: Path, nproc: int, overrides: lis
         "torch.distributed.run",
         "--nproc-per-node",
         str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
+        "--standalone",
         str(repo / "tools" / "dump_logits.py"),
         str(config),
         "--ckpt",
