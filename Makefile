@@ -16,7 +16,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 # Two pytest workers, one test file each at a time (module fixtures stay in one process): the
-# multi-rank tests leave a core idle much of the time, so this halves the suite's wall time on 2
+# multi-rank tests leave a core idle much of the time, so this cuts the wall time by a third on 2
 # cores (measured: 21m17s in a fresh clone; the serial suite took 30m45s in CI). TEST_WORKERS=0:
 # serially.
 TEST_WORKERS ?= 2
