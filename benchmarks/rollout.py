@@ -32,10 +32,10 @@ def main() -> None:
 
     from kat_megatron.config import load_config
     from kat_megatron.data.tokenizer import load_tokenizer
+    from kat_megatron.inference.engine import RolloutEngine
+    from kat_megatron.inference.types import SamplingParams
     from kat_megatron.models.builder import build_model
     from kat_megatron.parallel.init import initialize
-    from kat_megatron.rl.engine import RolloutEngine
-    from kat_megatron.rl.types import SamplingParams
     from kat_megatron.utils.logging import setup_logging
 
     setup_logging("WARNING")

@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from kat_megatron.eval.metrics import summarize, token_reductions
     from kat_megatron.eval.report import reduction_lines, write_eval_outputs
     from kat_megatron.eval.runner import run_eval, stop_ids
+    from kat_megatron.inference.loading import engine_from_checkpoint
     from kat_megatron.parallel.init import shutdown
-    from kat_megatron.rl.engine_load import engine_from_checkpoint
     from kat_megatron.utils.logging import setup_logging
 
     setup_logging()

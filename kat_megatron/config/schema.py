@@ -428,7 +428,7 @@ class KDSection:
 
 
 RL_SUBSECTIONS = {
-    "sampling": ("kat_megatron.rl.types", "SamplingParams"),
+    "sampling": ("kat_megatron.inference.types", "SamplingParams"),
     "rewards": ("kat_megatron.rl.rewards", "RewardConfig"),
     "advantages": ("kat_megatron.rl.advantages", "AdvantageConfig"),
     "policy_loss": ("kat_megatron.losses.policy", "PolicyLossConfig"),
@@ -451,7 +451,7 @@ class RLConfig:
     group_size: int = 4
     """Rollouts G per prompt."""
     sampling: dict = field(default_factory=dict)
-    """Rollout sampling: `kat_megatron.rl.types.SamplingParams` fields (temperature, top_p,
+    """Rollout sampling: `kat_megatron.inference.types.SamplingParams` fields (temperature, top_p,
     top_k, max_new_tokens); stop tokens are `<|im_end|>` and `<|endoftext|>`."""
     rewards: dict = field(default_factory=dict)
     """`kat_megatron.rl.rewards.RewardConfig` fields (weights, overlong_buffer, ...);

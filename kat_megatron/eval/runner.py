@@ -44,7 +44,7 @@ from kat_megatron.data.autothink import (
 )
 from kat_megatron.data.chat_template import render_chat
 from kat_megatron.eval.metrics import SampleResult
-from kat_megatron.rl.types import Completion, SamplingParams
+from kat_megatron.inference.types import Completion, SamplingParams
 from kat_megatron.utils.io import json_line
 
 log = logging.getLogger("kat")
@@ -55,7 +55,7 @@ FORCED_JUDGES = ("model", "prefill")
 
 
 class TextEngine(Protocol):
-    """What evaluation needs of a generator (`kat_megatron.rl.engine.RolloutEngine` fits)."""
+    """What evaluation needs of a generator (`kat_megatron.inference.engine.RolloutEngine` fits)."""
 
     def generate_text(self, prompts: list[str], params: SamplingParams) -> list[Completion]: ...
 

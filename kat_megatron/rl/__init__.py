@@ -1,1 +1,3 @@
-"""Step-SRPO / GRPO reinforcement learning: rollout engine, rewards, advantages, trainer, serve."""
+"""Step-SRPO / GRPO reinforcement learning: prompts, rewards, advantages, rollouts, the trainer.
+
+Generation comes from `kat_megatron.inference` (the rollout engine)."""

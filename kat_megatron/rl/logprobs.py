@@ -8,7 +8,7 @@ Megatron-Core's `ColumnParallelLinear` output layer) and the vocabulary is never
 - entropy H = log S - (sum_v e_v z_v) / S with z = logits - max, e = exp z, S = sum_v e_v:
   one all-reduce MAX and two SUMs over the TP group.
 Both run in fp32 over every column of the padded vocabulary, as the rollout engine's log-probs
-(`kat_megatron.rl.sampling.token_logprobs_b`) do, so the two agree to rounding.
+(`kat_megatron.inference.sampling.token_logprobs_b`) do, so the two agree to rounding.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from megatron.core import parallel_state
 
 from kat_megatron.data.autothink import MODES, forced_mode_prefix
 from kat_megatron.data.tokenizer import encode_text
+from kat_megatron.inference.sampling import request_seed
+from kat_megatron.inference.types import Completion, SamplingParams
 from kat_megatron.losses.policy import apply_kl_in_reward
 from kat_megatron.rl.advantages import (
     GroupAdvantages,
@@ -40,8 +42,6 @@ from kat_megatron.rl.advantages import (
 from kat_megatron.rl.batching import RolloutSample
 from kat_megatron.rl.prompts import PromptRecord, PromptSampler, prompt_token_ids
 from kat_megatron.rl.rewards import RolloutScore, score_rollout
-from kat_megatron.rl.sampling import request_seed
-from kat_megatron.rl.types import Completion, SamplingParams
 
 
 @dataclass

@@ -33,6 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from kat_megatron.config import KatConfig
 from kat_megatron.data.tokenizer import load_tokenizer
+from kat_megatron.inference.engine import RolloutEngine
 from kat_megatron.models.builder import build_model, transformer_config
 from kat_megatron.rl.batching import (
     RolloutSample,
@@ -41,7 +42,6 @@ from kat_megatron.rl.batching import (
     pad_multiple_for,
     response_values,
 )
-from kat_megatron.rl.engine import RolloutEngine
 from kat_megatron.rl.logprobs import forward_logprobs, rl_forward_step
 from kat_megatron.rl.prompts import PromptSampler
 from kat_megatron.rl.rollouts import Group, RolloutCollector

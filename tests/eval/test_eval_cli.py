@@ -20,7 +20,7 @@ from kat_megatron.data.synthetic_tasks import (
 from kat_megatron.eval.metrics import summarize
 from kat_megatron.eval.report import write_eval_outputs, write_report
 from kat_megatron.eval.runner import EvalConfig, load_prompts, run_eval
-from kat_megatron.rl.types import Completion
+from kat_megatron.inference.types import Completion
 
 pytestmark = pytest.mark.timeout(300)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

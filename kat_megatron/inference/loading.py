@@ -1,6 +1,6 @@
 """Build a rollout engine from a kat checkpoint: `engine_from_checkpoint(DIR, tp=N)`.
 
-`python -c "from kat_megatron.rl.engine import engine_from_checkpoint as e; print(e(
+`python -c "from kat_megatron.inference.loading import engine_from_checkpoint as e; print(e(
 'runs/tiny_pretrain/checkpoints')[0].describe())"` loads the newest checkpoint on one rank.
 
 The checkpoint's run config comes from its `kat_meta.json` (written by `kat train` and
@@ -83,8 +83,8 @@ def engine_from_checkpoint(
     `tokenizer` overrides the run's `data.tokenizer`.
     """
     from kat_megatron.data.tokenizer import load_tokenizer
+    from kat_megatron.inference.engine import RolloutEngine
     from kat_megatron.models.builder import build_model, resolve_dtype, transformer_config
-    from kat_megatron.rl.engine import RolloutEngine
     from kat_megatron.training.checkpointing import load_checkpoint
 
     path, cfg = read_checkpoint_config(ckpt_dir)

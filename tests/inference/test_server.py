@@ -1,4 +1,4 @@
-"""`kat serve` as a real subprocess on loopback (TP=2, two gloo ranks): `pytest tests/rl/test_serve.py`.
+"""`kat serve` as a real subprocess on loopback (TP=2, two gloo ranks): `pytest tests/inference/test_server.py`.
 
 The server is queried with httpx and with the data pipelines' `LLMClient`; answers are checked
 against this process's own TP=1 model of the same checkpoint (a full forward, no KV cache).
@@ -65,8 +65,8 @@ def server(ckpt, tmp_path_factory):
 def reference(ckpt):
     """The same checkpoint at TP=1 in this process (its process group is destroyed after the
     module, so later tests can initialise their own)."""
+    from kat_megatron.inference.loading import engine_from_checkpoint
     from kat_megatron.parallel.init import shutdown
-    from kat_megatron.rl.engine import engine_from_checkpoint
 
     engine, tok, _ = engine_from_checkpoint(ckpt, tp=1, max_sequence_length=192)
     yield engine

@@ -1,6 +1,6 @@
-"""TP worker for tests/rl/test_engine.py (real gloo ranks):
+"""TP worker for tests/inference/test_engine.py (real gloo ranks):
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/rl/engine_worker.py CKPT OUT_DIR
+    python -m torch.distributed.run --nproc-per-node 2 tests/inference/engine_worker.py CKPT OUT_DIR
 
 Builds the model as the trainer does (TP = world size, sequence parallelism on), loads CKPT,
 wraps the live model in a `RolloutEngine` (colocated) and saves to OUT_DIR/rank{R}.pt: greedy
@@ -77,12 +77,12 @@ def main(ckpt: str, out: str) -> None:
 
     from kat_megatron.config.schema import ParallelConfig
     from kat_megatron.data.tokenizer import load_tokenizer
+    from kat_megatron.inference.engine import RolloutEngine
+    from kat_megatron.inference.loading import read_checkpoint_config
+    from kat_megatron.inference.types import SamplingParams
+    from kat_megatron.inference.weight_sync import hf_state_dict
     from kat_megatron.models.builder import build_model, transformer_config
     from kat_megatron.parallel.init import initialize, shutdown
-    from kat_megatron.rl.engine import RolloutEngine
-    from kat_megatron.rl.engine_load import read_checkpoint_config
-    from kat_megatron.rl.engine_sync import hf_state_dict
-    from kat_megatron.rl.types import SamplingParams
     from kat_megatron.training.checkpointing import load_checkpoint
 
     path, cfg = read_checkpoint_config(ckpt)

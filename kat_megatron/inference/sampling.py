@@ -1,6 +1,6 @@
 """Token sampling for the rollout engine: temperature, top-k, top-p, per-request seeds, stops.
 
-`python -c "import torch; from kat_megatron.rl.sampling import *; from kat_megatron.rl.types import
+`python -c "import torch; from kat_megatron.inference.sampling import *; from kat_megatron.inference.types import
 SamplingParams as P; print(sample_tokens_b(torch.randn(2, 8), P(top_k=3, seed=0),
 request_generators(0, 2)))"` samples two tokens.
 
@@ -18,7 +18,7 @@ import hashlib
 
 import torch
 
-from kat_megatron.rl.types import SamplingParams
+from kat_megatron.inference.types import SamplingParams
 
 
 def request_seed(seed: int, index: int) -> int:

@@ -8,8 +8,8 @@ import pytest
 from kat_megatron.data.autothink import forced_mode_prefix
 from kat_megatron.data.chat_template import render_chat
 from kat_megatron.data.tokenizer import encode_text, load_tokenizer
-from kat_megatron.rl.serve import BadRequest, OpenAIProtocol
-from kat_megatron.rl.types import Completion
+from kat_megatron.inference.server import BadRequest, OpenAIProtocol
+from kat_megatron.inference.types import Completion
 
 MSGS = [{"role": "user", "content": "What is 3 + 4?"}]
 

@@ -1,4 +1,4 @@
-"""The rollout engine against independent references: `pytest tests/rl/test_engine.py`.
+"""The rollout engine against independent references: `pytest tests/inference/test_engine.py`.
 
 A tiny model is trained for a few steps (`kat train`, TP=1) so that greedy paths are not
 near-ties; the TP=1 engine runs in this process, the TP=2 one on two gloo ranks
@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kat_megatron.rl.sampling import (
+from kat_megatron.inference.sampling import (
     StopStrings,
     cut_at_stop,
     filtered_logits_bv,
     request_generators,
     sample_tokens_b,
 )
-from kat_megatron.rl.types import SamplingParams
+from kat_megatron.inference.types import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,8 +48,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
+    from kat_megatron.inference.loading import engine_from_checkpoint
     from kat_megatron.parallel.init import shutdown
-    from kat_megatron.rl.engine import engine_from_checkpoint
 
     eng, _, _ = engine_from_checkpoint(ckpt, tp=1, max_batch_size=4, max_sequence_length=128)
     yield eng
@@ -136,7 +136,7 @@ def test_weight_sync_state_dict_matches_exported_checkpoint(ckpt, engine, tp2):
     from kat_megatron.checkpoint.hf_config import hf_spec_for
     from kat_megatron.checkpoint.mapping import to_hf
     from kat_megatron.checkpoint.mcore_io import McoreReader
-    from kat_megatron.rl.engine_sync import hf_state_dict
+    from kat_megatron.inference.weight_sync import hf_state_dict
 
     reader = McoreReader(ckpt)
     spec = hf_spec_for(reader.model)

@@ -1,6 +1,6 @@
 """The rollout engine (`kat serve --ckpt DIR` serves it): KV-cached sampling on Megatron-Core.
 
-In Python:
+In Python (`kat_megatron.inference.loading.engine_from_checkpoint`):
 
     engine, tokenizer, cfg = engine_from_checkpoint("runs/tiny_pretrain/checkpoints")
     engine.generate_text(["2 plus 3 is"], SamplingParams(temperature=0, max_new_tokens=8))
@@ -53,15 +53,14 @@ from kat_megatron.config.schema import ModelConfig
 from kat_megatron.data.autothink import forced_mode_prefix
 from kat_megatron.data.chat_template import render_chat
 from kat_megatron.data.tokenizer import encode_text
-from kat_megatron.rl.engine_load import engine_from_checkpoint, init_inference  # noqa: F401
-from kat_megatron.rl.engine_sync import NoWeightSync, WeightSync, hf_state_dict
-from kat_megatron.rl.sampling import (
+from kat_megatron.inference.sampling import (
     StopStrings,
     request_seed,
     sample_tokens_b,
     token_logprobs_b,
 )
-from kat_megatron.rl.types import Completion, SamplingParams
+from kat_megatron.inference.types import Completion, SamplingParams
+from kat_megatron.inference.weight_sync import NoWeightSync, WeightSync, hf_state_dict
 
 log = logging.getLogger("kat")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from kat_megatron.rl.types import Completion, SamplingParams
+from kat_megatron.inference.types import Completion, SamplingParams
 
 log = logging.getLogger("kat")
 

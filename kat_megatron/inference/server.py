@@ -39,9 +39,9 @@ from kat_megatron.data.autothink import (
     parse_lenient,
 )
 from kat_megatron.data.chat_template import render_chat, validate_messages
-from kat_megatron.rl.engine_service import LockstepService, ServiceStopped
-from kat_megatron.rl.sampling import cut_at_stop, request_seed
-from kat_megatron.rl.types import Completion, SamplingParams
+from kat_megatron.inference.sampling import cut_at_stop, request_seed
+from kat_megatron.inference.service import LockstepService, ServiceStopped
+from kat_megatron.inference.types import Completion, SamplingParams
 
 log = logging.getLogger("kat")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -360,8 +360,8 @@ def serve(cfg: ServeConfig, on_ready=None) -> int:
     import threading
     from pathlib import Path
 
+    from kat_megatron.inference.loading import engine_from_checkpoint
     from kat_megatron.parallel.init import shutdown
-    from kat_megatron.rl.engine import engine_from_checkpoint
     from kat_megatron.utils.io import atomic_write_text
 
     tp = int(os.environ.get("WORLD_SIZE", "1"))
