@@ -1,6 +1,13 @@
 """Install: `pip install -e .[dev]` (CPU) or `pip install -e .[gpu]` (adds Transformer Engine)."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_namespace_packages, setup
+
+# The one supported Megatron-Core version (kat_megatron/parallel/mcore_version.py).
+_VERSION_FILE = Path(__file__).parent / "kat_megatron" / "parallel" / "mcore_version.py"
+SUPPORTED_MCORE = re.search(r'^SUPPORTED_MCORE = "(.+)"$', _VERSION_FILE.read_text(), re.M)[1]
 
 setup(
     name="kat_megatron",
@@ -13,7 +20,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1",
+        f"megatron-core=={SUPPORTED_MCORE}",
         "numpy",
         "pyyaml",
         "psutil",

@@ -59,8 +59,8 @@ def main() -> None:
     args = p.parse_args()
 
     from kat_megatron.config import ModelConfig, ParallelConfig
+    from kat_megatron.config.presets import get_preset
     from kat_megatron.models.builder import build_model, transformer_config
-    from kat_megatron.models.presets import get_preset
     from kat_megatron.parallel.init import initialize, shutdown
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

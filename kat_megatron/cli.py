@@ -1,7 +1,9 @@
 """The `kat` command: `kat train CONFIG.yaml [key=value ...] [--nproc N]`, `kat model info NAME`.
 
 Subcommands live in `kat_megatron/commands/` (one module each); `kat <command> --help` explains
-each one. User errors (ValueError, FileNotFoundError) print one line and exit 2.
+each one. User errors (ValueError, FileNotFoundError) print one line and exit 2. Megatron-Core's
+import-time notes about missing Transformer Engine / Apex are collected before any command runs
+and logged once as one line (`kat_megatron/utils/logging.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import sys
 
 from kat_megatron.commands import COMMANDS
+from kat_megatron.utils.logging import capture_backend_notes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    capture_backend_notes()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`kat train cfg.yaml --nproc 2 optimizer.lr=1e-3`).

@@ -13,7 +13,6 @@ fused norms (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`) are
 
 from __future__ import annotations
 
-import json
 import re
 from math import prod
 from pathlib import Path
@@ -27,32 +26,10 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from kat_megatron.checkpoint.mapping import TE_NORMS, VOCAB_TENSORS, canonical_shapes, split_layer
 from kat_megatron.config.schema import ModelConfig
+from kat_megatron.training.checkpoint_meta import read_meta, resolve_checkpoint
 
-META_FILE = "kat_meta.json"  # the completeness marker of kat_megatron.training.checkpointing
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 _TE_ALIASES = {canonical: te for te, canonical in TE_NORMS.items()}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint directory: `path` itself, or the newest `iter_*` inside it."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    found = sorted(
-        p for p in path.glob("iter_*") if _ITER_RE.match(p.name) and (p / META_FILE).is_file()
-    )
-    if not found:
-        raise FileNotFoundError(f"{path}: not a complete kat checkpoint (no {META_FILE})")
-    return found[-1]
-
-
-def read_meta(path: str | Path) -> dict:
-    """kat_meta.json of checkpoint `path` (which must hold a `config` section)."""
-    meta = json.loads((resolve_checkpoint(path) / META_FILE).read_text())
-    if "config" not in meta or "model" not in meta["config"]:
-        raise ValueError(f"{path}: {META_FILE} has no config.model section")
-    return meta
 
 
 class _RegionPlanner(LoadPlanner):

@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from kat_megatron.checkpoint.importer import build_empty
 from kat_megatron.checkpoint.mapping import EMBEDDING
 from kat_megatron.checkpoint.mcore_io import McoreReader
 from kat_megatron.config.schema import ParallelConfig
 from kat_megatron.models.builder import padded_vocab_size
 from kat_megatron.models.forward import forward_logits
-from kat_megatron.training.checkpointing import load_checkpoint
+from kat_megatron.parallel.init import initialize
+from kat_megatron.training.checkpointing import load_frozen_model
 
 _LAYOUT_RE = re.compile(r"(tp|pp|ep|etp)(\d+)")
 
@@ -96,8 +96,8 @@ def ours_logits(mcore: str | Path, layout: Layout, batches: list[torch.Tensor]) 
     """Our fp32 logits [b, s, vocab] for each batch at `layout`, on rank 0 (None elsewhere)."""
     reader = McoreReader(mcore)
     check_vocab_padding(reader, layout.tp)
-    chunks = build_empty(reader.model, layout.parallel(), "fp32")
-    load_checkpoint(reader.path, chunks)
+    initialize(layout.parallel(), seed=0, model=reader.model)
+    chunks = load_frozen_model(reader.path, reader.model, layout.parallel(), "fp32")
     out = []
     for tokens in batches:
         logits = forward_logits(chunks, tokens)

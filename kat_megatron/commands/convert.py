@@ -3,13 +3,14 @@
     kat convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N --etp N] [--dtype bf16]
     kat convert mcore-to-hf --mcore DIR --out DIR [--dtype bf16] [--tokenizer DIR]
     kat convert reshard --mcore DIR --out DIR --tp N --pp N [--ep N]
-    kat convert verify --hf DIR --mcore DIR [--nproc N] [--layout tp2 ...] [--prompts FILE]
+    kat convert verify --hf DIR --mcore DIR [--tp N --pp N --ep N --etp N] [--prompts FILE]
     kat convert upscale-depth --hf DIR --out DIR --layers 80 [--scheme stack]
     kat convert upcycle-moe --mcore DIR --out DIR --experts E --topk K [--granularity G]
 
 Commands that build our model start their own local ranks (tp * pp * dp, through torchrun) unless
-they already run under torchrun or SLURM. The work lives in `kat_megatron/checkpoint/`; see
-docs/conversion.md.
+they already run under torchrun or SLURM. `--mcore` is anything the checkpoint resolver takes:
+one `iter_N/`, a checkpoints folder (its newest) or a run directory. The work lives in
+`kat_megatron/checkpoint/`; see docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -181,11 +182,16 @@ def verify(args: argparse.Namespace) -> int:
 
     reader = McoreReader(args.mcore)
     model = reader.model
-    layouts = [Layout.parse(x) for x in args.layout] or [Layout(tp=args.nproc)]
+    recorded = reader.meta["config"].get("parallel") or {}  # the layout it was written at
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else recorded.get(k, default)
+             for k, default in (("tp", 1), ("pp", 1), ("ep", 1), ("etp", None))}  # fmt: skip
+    layout = Layout(**sizes)
+    layouts = [layout]
+    args.tp, args.pp, args.ep, args.etp = layout.tp, layout.pp, layout.ep, layout.etp
+    args.nproc = args.nproc or world_for(model, layout.parallel())
     world = int(os.environ.get("WORLD_SIZE", args.nproc)) if under_launcher() else args.nproc
-    for layout in layouts:
-        check_layout(model, layout.parallel(), world_size=world)
-        check_vocab_padding(reader, layout.tp)
+    check_layout(model, layout.parallel(), world_size=world)
+    check_vocab_padding(reader, layout.tp)
     if args.nproc > 1 and not under_launcher():
         with tempfile.TemporaryDirectory() as tmp:
             args.result_file = str(Path(tmp) / "verify.jsonl")
@@ -231,11 +237,18 @@ def _report(rows) -> int:
     return 0 if ok else 1
 
 
-def _layout_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
-    p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (= tp)")
+def _layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None:
+    """--tp/--pp/--ep/--etp (and --ranks); `recorded`: each defaults to the source
+    checkpoint's own layout (verify) instead of 1."""
+    what = "default: as the checkpoint was written" if recorded else "default 1"
+    one = None if recorded else 1
+    p.add_argument("--tp", type=int, default=one, help=f"tensor-parallel size ({what})")
+    p.add_argument("--pp", type=int, default=one, help=f"pipeline-parallel size ({what})")
+    p.add_argument("--ep", type=int, default=one, help=f"expert-parallel size ({what})")
+    etp = what if recorded else "default: = tp"
+    p.add_argument("--etp", type=int, default=None, help=f"expert tensor-parallel size ({etp})")
+    if recorded:
+        return
     p.add_argument(
         "--ranks",
         action="store_true",
@@ -264,21 +277,34 @@ def register(sub) -> None:
     _out_flags(p, "checkpoint dtype (default: the HF dtype)")
     _layout_flags(p)
     p = _add(csub, "mcore-to-hf", mcore_to_hf, "kat checkpoint -> Hugging Face folder")
-    p.add_argument("--mcore", required=True, help="checkpoint dir (or a dir of iter_* dirs)")
+    p.add_argument(
+        "--mcore",
+        required=True,
+        help="kat checkpoint: an iter_N dir, a checkpoints folder or a run dir",
+    )
     _out_flags(p, "safetensors dtype (default: the checkpoint's)")
     p.add_argument("--arch", default=None, help="Qwen2ForCausalLM or Qwen3MoeForCausalLM")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir to include")
     p.add_argument("--chat-template", default="autothink", help="autothink | keep | FILE.jinja")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB)")
     p = _add(csub, "reshard", reshard, "kat checkpoint -> kat checkpoint at another layout")
-    p.add_argument("--mcore", required=True, help="source checkpoint dir")
+    p.add_argument(
+        "--mcore", required=True, help="source checkpoint (iter_N, checkpoints/ or run dir)"
+    )
     _out_flags(p, "checkpoint dtype (default: the source's)")
     _layout_flags(p)
     p = _add(csub, "verify", verify, "compare logits of transformers and ours (one JSON line)")
     p.add_argument("--hf", required=True, help="Hugging Face folder (the reference)")
-    p.add_argument("--mcore", required=True, help="kat checkpoint")
-    p.add_argument("--nproc", type=int, default=1, help="ranks for our model (default 1)")
-    p.add_argument("--layout", action="append", default=[], help="tp2, pp2, ep2, tp2pp2 ...")
+    p.add_argument(
+        "--mcore", required=True, help="kat checkpoint (iter_N, checkpoints/ or run dir)"
+    )
+    _layout_flags(p, recorded=True)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="local ranks for our model (default: what the layout needs, tp*pp*dp)",
+    )
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--tokenizer", default=None, help="tokenizer for --prompts (default: --hf)")
     p.add_argument("--batch", type=int, default=2, help="random prompts: batch (default 2)")
@@ -294,7 +320,9 @@ def register(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p = _add(csub, "upcycle-moe", upcycle_moe, "dense kat checkpoint -> MoE kat checkpoint")
-    p.add_argument("--mcore", required=True, help="dense checkpoint dir")
+    p.add_argument(
+        "--mcore", required=True, help="dense checkpoint (iter_N, checkpoints/ or run dir)"
+    )
     _out_flags(p, "checkpoint dtype (default: the source's)")
     p.add_argument("--experts", type=int, required=True, help="routed experts E")
     p.add_argument("--topk", type=int, required=True, help="experts per token K")

@@ -5,16 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
 
 def run(args: argparse.Namespace) -> int:
     from kat_megatron.demo.pipeline import run_demo
     from kat_megatron.demo.runner import StepFailed
 
-    # The demo is a CPU job: Megatron-Core's notes that TE/Apex are absent say nothing new here
-    # (the steps' own logs keep them).
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     start = time.perf_counter()
     try:
         report = run_demo(args.out, quick=args.quick, nproc=args.nproc, restart=args.restart)

@@ -17,13 +17,13 @@ _SAMPLE_FLAGS = ("data", "num_samples", "seq_length", "seed", "split", "tokenize
 
 
 def _from_config(args: argparse.Namespace):
-    from kat_megatron.config import load_config
+    from kat_megatron.stages import load_run_config
     from kat_megatron.training.kd_dump import DumpSpec
 
     given = [f"--{n.replace('_', '-')}" for n in _SAMPLE_FLAGS if getattr(args, n) is not None]
     if given:
         raise ValueError(f"{' '.join(given)}: with --config the samples come from the config")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     teacher, t = cfg.kd.teacher_config(), cfg.training
     ckpt, out = args.ckpt or teacher.ckpt, args.out or teacher.topk_dir
     topk = args.topk or cfg.kd.topk or None
@@ -50,8 +50,8 @@ def _from_config(args: argparse.Namespace):
 
 
 def _from_flags(args: argparse.Namespace):
-    from kat_megatron.checkpoint.mcore_io import read_meta
     from kat_megatron.config.schema import DataConfig
+    from kat_megatron.training.checkpoint_meta import read_meta
     from kat_megatron.training.kd_dump import DumpSpec
 
     if args.overrides:

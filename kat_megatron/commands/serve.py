@@ -65,9 +65,9 @@ def _rank_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kat_megatron.checkpoint.mcore_io import resolve_checkpoint
     from kat_megatron.commands.train import under_launcher
     from kat_megatron.inference.server import ServeConfig, serve
+    from kat_megatron.training.checkpoint_meta import resolve_checkpoint
     from kat_megatron.utils.logging import setup_logging
 
     cfg = ServeConfig(

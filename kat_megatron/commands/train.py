@@ -35,23 +35,20 @@ def launch_local(nproc: int, module_args: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kat_megatron.config import load_config
     from kat_megatron.models.builder import resolve_backend
+    from kat_megatron.stages import load_run_config
     from kat_megatron.utils.logging import setup_logging
 
     if args.resume is not None:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
-    # Validate before starting ranks: a bad key or an impossible backend fails once, early.
-    cfg = load_config(args.config, args.overrides)
+    # Validate before starting ranks: a bad key, stage or backend fails once, early.
+    cfg = load_run_config(args.config, args.overrides)
     resolve_backend(cfg.model)
-    from kat_megatron.training.stages import get_stage
-
-    get_stage(cfg.stage)
     if args.nproc > 1 and not under_launcher():
         return launch_local(args.nproc, ["train", args.config, *args.overrides])
 
     from kat_megatron.parallel.init import shutdown
-    from kat_megatron.training.loop import build_trainer
+    from kat_megatron.stages import build_trainer
 
     setup_logging()
     try:

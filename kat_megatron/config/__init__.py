@@ -2,7 +2,6 @@
 
 from kat_megatron.config.loader import config_to_dict, dump_config, format_config, load_config
 from kat_megatron.config.schema import (
-    STAGES,
     CheckpointConfig,
     DataConfig,
     KatConfig,
@@ -16,7 +15,6 @@ from kat_megatron.config.schema import (
 )
 
 __all__ = [
-    "STAGES",
     "CheckpointConfig",
     "DataConfig",
     "KatConfig",

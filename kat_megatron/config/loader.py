@@ -193,7 +193,7 @@ def _model_fields(model: dict[str, Any], prefix: str) -> dict[str, Any]:
     name = model.get("preset", default)
     if name is None:
         return model
-    from kat_megatron.models.presets import get_preset
+    from kat_megatron.config.presets import get_preset
 
     try:
         preset = get_preset(name)

@@ -2,15 +2,16 @@
 
 Each section is a dataclass whose fields carry a docstring-style comment; each validates its own
 fields in `__post_init__` (ValueError for user errors). Checks that need two sections (TP against
-attention heads, PP against layers, ...) live in `KatConfig.__post_init__`.
+attention heads, PP against layers, ...) live in `KatConfig.__post_init__`. What a stage needs
+beyond that (its names, cross-section rules and the typed parts of `rl.*` and `kd.*`) is checked
+by the stage registry, `kat_megatron/stages.py`, which imports the components: this module
+imports none of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-STAGES = ("pretrain", "kd", "sft", "rl")
 
 
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
@@ -31,7 +32,7 @@ class ModelConfig:
     """Architecture. `preset` fills every field; fields given beside it override the preset."""
 
     preset: str | None = "tiny-dense"
-    """Name of a preset in `kat_megatron.models.presets` (kat-v1-40b, kat-200b-a40b, tiny-*)."""
+    """Name of a preset in `kat_megatron.config.presets` (kat-v1-40b, kat-200b-a40b, tiny-*)."""
     num_layers: int = 4
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -146,6 +147,12 @@ class ModelConfig:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
+def expert_tp_size(tp: int, etp: int | None) -> int:
+    """Expert tensor-parallel size in effect: `etp`, or `tp` when unset (Megatron-Core's
+    default). `ParallelConfig.etp_size` and the planner's `Layout.etp_size`."""
+    return etp or tp
+
+
 @dataclass
 class ParallelConfig:
     """Layout. world size = tp * pp * cp * dp; ep divides dp * cp (Megatron-Core's rule)."""
@@ -191,6 +198,23 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
+
+    @property
+    def etp_size(self) -> int:
+        """Expert tensor-parallel size in effect (`etp`, or `tp` when unset)."""
+        return expert_tp_size(self.tp, self.etp)
+
+    def mcore_sizes(self) -> dict[str, int | None]:
+        """This layout in Megatron-Core's keywords, as both
+        `parallel_state.initialize_model_parallel` and `TransformerConfig` take them."""
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp_size,
+        )
 
 
 @dataclass
@@ -384,8 +408,8 @@ class KDSection:
     """`KDTeacherConfig` fields: mode, ckpt, preset, model, topk_dir."""
 
     def __post_init__(self) -> None:
-        # Cheap range checks here; the divergence name is checked against the registry (which
-        # imports torch) by `check_kd` for stage kd only.
+        # Range checks here; the divergence name is checked against the KD loss registry by
+        # stage kd's check (`training/kd_stage.py: check_kd`).
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"kd.alpha={self.alpha!r}: expected a number in [0, 1]")
         if not self.temperature > 0.0:
@@ -413,27 +437,10 @@ class KDSection:
             raise ValueError(f"kd.teacher: unknown keys {unknown}; known: {known}")
         return KDTeacherConfig(**values)
 
-    def loss_config(self, model: ModelConfig):
-        """The loss's `kat_megatron.losses.kd.KDConfig` (validates `divergence`)."""
-        from kat_megatron.losses.kd import KDConfig
 
-        lam = self.mtp_loss_scaling_factor
-        return KDConfig(
-            alpha=self.alpha,
-            temperature=self.temperature,
-            topk=self.topk,
-            divergence=self.divergence,
-            mtp_loss_scaling_factor=model.mtp_loss_scaling_factor if lam is None else lam,
-        )
-
-
-RL_SUBSECTIONS = {
-    "sampling": ("kat_megatron.inference.types", "SamplingParams"),
-    "rewards": ("kat_megatron.rl.rewards", "RewardConfig"),
-    "advantages": ("kat_megatron.rl.advantages", "AdvantageConfig"),
-    "policy_loss": ("kat_megatron.losses.policy", "PolicyLossConfig"),
-}
-"""`rl.<name>` mappings and the dataclass each one holds the fields of."""
+RL_SUBSECTIONS = ("sampling", "rewards", "advantages", "policy_loss")
+"""`rl.<name>` mappings: the fields of a component's dataclass, built and checked by stage rl
+(`kat_megatron/rl/parts.py`)."""
 
 
 @dataclass
@@ -502,43 +509,8 @@ class RLConfig:
                 "rollouts of a group)"
             )
         for name in RL_SUBSECTIONS:
-            if getattr(self, name):  # empty: the defaults (valid by construction)
-                self.build_all()
-                break
-
-    def build_all(self) -> dict[str, Any]:
-        """All four subsection dataclasses; `rewards.max_new_tokens` follows the sampling."""
-        sampling = self.build("sampling")
-        return {
-            "sampling": sampling,
-            "rewards": self.build("rewards", max_new_tokens=sampling.max_new_tokens),
-            "advantages": self.build("advantages"),
-            "policy_loss": self.build("policy_loss"),
-        }
-
-    def build(self, name: str, **defaults: Any) -> Any:
-        """The dataclass of subsection `name` from its mapping (over `defaults`); errors name
-        the key as `rl.<name>.<field>`."""
-        import dataclasses
-        import importlib
-
-        module, cls_name = RL_SUBSECTIONS[name]
-        cls = getattr(importlib.import_module(module), cls_name)
-        values = getattr(self, name)
-        if not isinstance(values, dict):
-            raise ValueError(f"rl.{name}: expected a mapping, got {values!r}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"rl.{name}: unknown keys {unknown}; known: {known}")
-        try:
-            return cls(**{**defaults, **values})
-        except (TypeError, ValueError) as err:
-            msg = str(err)
-            for prefix in (f"{name}.", "policy_loss.", "advantages.", "rewards."):
-                if msg.startswith(prefix):  # "rewards.x=1: ..." -> "rl.rewards.x=1: ..."
-                    raise ValueError(f"rl.{name}.{msg[len(prefix) :]}") from None
-            raise ValueError(f"rl.{name}: {msg}") from None
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"rl.{name}: expected a mapping, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -558,84 +530,12 @@ class KatConfig:
     kd: KDSection = field(default_factory=KDSection)
 
     def __post_init__(self) -> None:
-        _choice("", "stage", self.stage, STAGES)
         check_layout(self.model, self.parallel)
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
-        if self.stage == "rl":
-            check_rl(self)
-        if self.stage == "kd":
-            check_kd(self)
-
-
-def check_rl(cfg: KatConfig) -> None:
-    """Cross-section checks of `stage: rl` (one-line ValueErrors)."""
-    rl, par = cfg.rl, cfg.parallel
-    if par.pp != 1 or par.vpp is not None:
-        raise ValueError(
-            "stage rl: the colocated rollout engine needs parallel.pp=1; use tensor and data "
-            "parallelism"
-        )
-    if par.cp != 1:
-        raise ValueError("stage rl: parallel.cp must be 1")
-    if cfg.model.mtp_num_layers:
-        raise ValueError(
-            "stage rl trains the main head only: set model.mtp_num_layers=0 (MTP heads would "
-            "add an LM loss on sampled text)"
-        )
-    if rl.prompts is None:
-        raise ValueError("stage rl: set rl.prompts to a JSONL file or a datasets directory")
-    if rl.max_sequence_length > cfg.model.max_position_embeddings:
-        raise ValueError(
-            f"rl.max_sequence_length={rl.max_sequence_length} exceeds "
-            f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
-        )
-    sampling = rl.build("sampling")
-    if sampling.max_new_tokens >= rl.max_sequence_length:
-        raise ValueError(
-            f"rl.sampling.max_new_tokens={sampling.max_new_tokens} leaves no room for the prompt "
-            f"in rl.max_sequence_length={rl.max_sequence_length}"
-        )
-
-
-def check_kd(cfg: KatConfig) -> None:
-    """Cross-section checks of `stage: kd` (one-line ValueErrors naming the field)."""
-    kd, par = cfg.kd, cfg.parallel
-    teacher = kd.teacher_config()
-    kd.loss_config(cfg.model)  # the divergence name, as losses.kd.KDConfig checks it
-    depth = cfg.model.mtp_num_layers or 0  # D = 0: the main head only
-    if depth >= cfg.data.seq_length:
-        raise ValueError(
-            f"model.mtp_num_layers={depth}: stage kd needs fewer MTP depths than "
-            f"data.seq_length={cfg.data.seq_length}"
-        )
-    if par.cp != 1:
-        raise ValueError(
-            "stage kd: parallel.cp must be 1 (the depth-d target shift would cross "
-            "context-parallel chunks)"
-        )
-    if kd.topk > cfg.model.vocab_size:
-        raise ValueError(f"kd.topk={kd.topk} exceeds model.vocab_size={cfg.model.vocab_size}")
-    if teacher.mode == "online":
-        if teacher.ckpt is None and kd.alpha > 0:
-            raise ValueError(
-                "kd.teacher.ckpt: stage kd with kd.teacher.mode=online needs the teacher's "
-                "checkpoint directory (or kd.alpha=0 for cross-entropy only)"
-            )
-        if teacher.ckpt is not None and par.pp > 1:
-            raise ValueError(
-                f"kd.teacher.mode=online with parallel.pp={par.pp}: the online teacher runs "
-                "without pipeline parallelism only; write its top-K with `kat kd dump-teacher` "
-                "and set kd.teacher.mode=offline, kd.teacher.topk_dir=DIR"
-            )
-    elif teacher.topk_dir is None and kd.alpha > 0:
-        raise ValueError(
-            "kd.teacher.topk_dir: stage kd with kd.teacher.mode=offline needs the directory "
-            "written by `kat kd dump-teacher` (or kd.alpha=0 for cross-entropy only)"
-        )
 
 
 def check_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None = None) -> None:

@@ -29,7 +29,7 @@ log = logging.getLogger("kat")
 def read_checkpoint_config(ckpt_dir: str | Path) -> tuple[Path, KatConfig]:
     """(checkpoint directory, its run config). `ckpt_dir` is one checkpoint (`iter_N/`) or a
     directory of them (the newest complete one is taken)."""
-    from kat_megatron.checkpoint.mcore_io import read_meta, resolve_checkpoint
+    from kat_megatron.training.checkpoint_meta import read_meta, resolve_checkpoint
 
     path = resolve_checkpoint(ckpt_dir)
     raw = read_meta(path)["config"]
@@ -84,16 +84,14 @@ def engine_from_checkpoint(
     """
     from kat_megatron.data.tokenizer import load_tokenizer
     from kat_megatron.inference.engine import RolloutEngine
-    from kat_megatron.models.builder import build_model, resolve_dtype, transformer_config
-    from kat_megatron.training.checkpointing import load_checkpoint
+    from kat_megatron.models.builder import resolve_dtype
+    from kat_megatron.training.checkpointing import load_frozen_model
 
     path, cfg = read_checkpoint_config(ckpt_dir)
     parallel = init_inference(tp, seed, cfg.model)
     cfg = dataclasses.replace(cfg, parallel=parallel)
     precision = cfg.training.precision
-    tcfg = transformer_config(cfg.model, parallel, precision, perform_initialization=False)
-    model = build_model(cfg.model, parallel, precision, config=tcfg)
-    load_checkpoint(path, model)
+    model = load_frozen_model(path, cfg.model, parallel, precision)
     tok = load_tokenizer(tokenizer or cfg.data.tokenizer)
     length = max_sequence_length or cfg.model.max_position_embeddings
     engine = RolloutEngine(

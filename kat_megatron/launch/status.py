@@ -7,7 +7,6 @@ progress: the newest complete checkpoint and the last step in `metrics.jsonl`.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections import deque
@@ -16,9 +15,8 @@ from pathlib import Path
 
 from kat_megatron.launch import registry, slurm
 from kat_megatron.launch.registry import JobRecord
-from kat_megatron.launch.submission import META_FILE
+from kat_megatron.training.checkpoint_meta import complete_checkpoints
 
-_ITER = re.compile(r"^iter_(\d+)$")
 ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")
 
 
@@ -43,14 +41,8 @@ def run_progress(record: JobRecord) -> RunProgress:
                 break
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
-    root = Path(record.checkpoints)
-    if root.is_dir():
-        steps = [
-            int(m.group(1))
-            for p in root.iterdir()
-            if (m := _ITER.match(p.name)) and (p / META_FILE).is_file()
-        ]
-        progress.checkpoint_step = max(steps) if steps else None
+    found = complete_checkpoints(record.checkpoints)
+    progress.checkpoint_step = found[-1][0] if found else None
     return progress
 
 

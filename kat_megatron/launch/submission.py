@@ -14,14 +14,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kat_megatron.config import KatConfig, dump_config, load_config
+from kat_megatron.config import KatConfig, dump_config
 from kat_megatron.launch import registry, slurm
 from kat_megatron.launch.render import LaunchPlan, render_script
 from kat_megatron.launch.spec import JobSpec, check_fits
-from kat_megatron.training.stages import get_stage
-
-META_FILE = "kat_meta.json"
-"""`kat_megatron.training.checkpointing.META_FILE`: marks a complete checkpoint (tested equal)."""
+from kat_megatron.stages import load_run_config
+from kat_megatron.training.checkpoint_meta import META_FILE, checkpoint_dir
 
 
 def checkpoint_root(cfg: KatConfig) -> str:
@@ -31,7 +29,7 @@ def checkpoint_root(cfg: KatConfig) -> str:
 
 def final_checkpoint_meta(cfg: KatConfig) -> str:
     """`kat_meta.json` of the checkpoint of the run's last step (as training names it)."""
-    return f"{checkpoint_root(cfg)}/iter_{cfg.training.steps:07d}/{META_FILE}"
+    return str(checkpoint_dir(checkpoint_root(cfg), cfg.training.steps) / META_FILE)
 
 
 def _absolute(path: str, base: str) -> str:
@@ -59,8 +57,7 @@ def plan_launch(
     Relative `run.dir` and `checkpoint.dir` are made absolute against `workdir` (default: the
     current directory), which is also the job's working directory.
     """
-    cfg = load_config(config, overrides)
-    get_stage(cfg.stage)  # a stage without a trainer fails here, not after the job starts
+    cfg = load_run_config(config, overrides)  # a bad stage fails here, not after the job starts
     check_fits(cfg, spec)
     workdir = os.path.abspath(os.path.expanduser(workdir or os.getcwd()))
     cfg.run.dir = _absolute(cfg.run.dir, workdir)

@@ -1,1 +1,1 @@
-"""Model presets, layer specs and the Megatron-Core GPTModel builder."""
+"""Layer specs and the Megatron-Core GPTModel builder (the presets are `config/presets.py`)."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
+from kat_megatron.config.presets import PRESETS, get_preset
 from kat_megatron.config.schema import ModelConfig
 from kat_megatron.models.params import count_params
-from kat_megatron.models.presets import PRESETS, get_preset
 
 
 def _is_config_path(arg: str) -> bool:

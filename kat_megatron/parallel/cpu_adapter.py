@@ -28,9 +28,10 @@ import logging
 import torch
 from torch.overrides import TorchFunctionMode
 
+from kat_megatron.parallel.mcore_version import SUPPORTED_MCORE, installed_mcore
+
 log = logging.getLogger(__name__)
 
-SUPPORTED_MCORE = "0.16.1"
 _APPLIED: list[str] = []
 _MODE: TorchFunctionMode | None = None
 
@@ -224,19 +225,13 @@ PATCHES = {
 }
 
 
-def mcore_version() -> str:
-    from megatron.core import package_info
-
-    return package_info.__version__
-
-
 def apply() -> list[str]:
     """Apply every patch once (idempotent). Refuses on CUDA machines and other Megatron-Cores."""
     if _APPLIED:
         return list(_APPLIED)
     if torch.cuda.is_available():
         raise RuntimeError("the CPU adaptation layer must not be applied where CUDA is available")
-    version = mcore_version()
+    version = installed_mcore()
     if version != SUPPORTED_MCORE:
         raise RuntimeError(
             f"kat's CPU adaptation layer is written for megatron-core=={SUPPORTED_MCORE}, "

@@ -78,14 +78,7 @@ def initialize(parallel: ParallelConfig, seed: int, model=None) -> int:
         check_layout(model, parallel, world_size=world)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp or parallel.tp,
-    )
+    parallel_state.initialize_model_parallel(**parallel.mcore_sizes())
     set_seed(seed)
     return parallel_state.get_data_parallel_world_size()
 

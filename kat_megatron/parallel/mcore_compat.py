@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 
-SUPPORTED_MCORE = "0.16.1"
+from kat_megatron.parallel.mcore_version import SUPPORTED_MCORE, installed_mcore, warn_unsupported
+
 _APPLIED: list[str] = []
+_WARNED: list[str] = []
 
 
 def _fix_torch_adam_step_on_load() -> bool:
@@ -62,11 +64,17 @@ FIXES = {"torch_adam_step_on_load": _fix_torch_adam_step_on_load}
 
 
 def apply() -> list[str]:
-    """Apply the fixes whose trigger is present (idempotent); returns the names applied."""
-    from megatron.core import package_info
-
-    if _APPLIED or package_info.__version__ != SUPPORTED_MCORE:
+    """Apply the fixes whose trigger is present (idempotent); returns the names applied. On
+    another Megatron-Core version none is applied and each says so, loudly, once."""
+    if _APPLIED:
         return list(_APPLIED)
+    version = installed_mcore()
+    if version != SUPPORTED_MCORE:
+        for name in FIXES:
+            if name not in _WARNED:
+                warn_unsupported(f"kat's Megatron-Core fix {name!r}", version)
+                _WARNED.append(name)
+        return []
     for name, fix in FIXES.items():
         if fix():
             _APPLIED.append(name)

@@ -16,9 +16,10 @@ micro-batches to be a multiple of PP (Megatron-Core's `microbatch_group_size_per
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from kat_megatron.config.schema import ModelConfig, ParallelConfig
+from kat_megatron.config.schema import ModelConfig, ParallelConfig, expert_tp_size
 from kat_megatron.config.schema import check_layout as schema_check
 
 
@@ -42,7 +43,7 @@ class Layout:
 
     @property
     def etp_size(self) -> int:
-        return self.etp or self.tp
+        return expert_tp_size(self.tp, self.etp)
 
     @property
     def sp(self) -> bool:
@@ -238,16 +239,13 @@ def layout_from_overrides(items: list[str], gpus: int) -> Layout:
 
     Takes a whole override line of `kat plan`'s output: other keys are skipped.
     """
-    keys = {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "etp": None, "cp": 1}
+    sizes = [f.name for f in dataclasses.fields(Layout) if f.name != "dp"]
+    other = {f.name for f in dataclasses.fields(ParallelConfig)} - set(sizes)
+    keys = {f.name: f.default for f in dataclasses.fields(ParallelConfig) if f.name in sizes}
     for item in items:
         key, _, value = item.partition("=")
         name = key.removeprefix("parallel.")
-        if not key.startswith("parallel.") or name in (
-            "use_distributed_optimizer",
-            "sequence_parallel",
-            "overlap_grad_reduce",
-            "dist_backend",
-        ):
+        if not key.startswith("parallel.") or name in other:
             continue
         if name not in keys or not value:
             raise ValueError(f"--layout {item!r}: expected parallel.{{{','.join(keys)}}}=N")

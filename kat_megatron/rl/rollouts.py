@@ -40,6 +40,7 @@ from kat_megatron.rl.advantages import (
     token_advantages,
 )
 from kat_megatron.rl.batching import RolloutSample
+from kat_megatron.rl.parts import RLParts
 from kat_megatron.rl.prompts import PromptRecord, PromptSampler, prompt_token_ids
 from kat_megatron.rl.rewards import RolloutScore, score_rollout
 
@@ -129,7 +130,7 @@ class RolloutCollector:
         tokenizer,
         prompts: list[PromptRecord],
         sampler: PromptSampler,
-        parts: dict[str, Any],
+        parts: RLParts,
         rl,
         seed: int,
         ref_logprobs_fn=None,
@@ -138,10 +139,10 @@ class RolloutCollector:
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.sampler = sampler
-        self.sampling: SamplingParams = parts["sampling"]
-        self.rewards = parts["rewards"]
-        self.adv_cfg = parts["advantages"]
-        self.loss_cfg = parts["policy_loss"]
+        self.sampling: SamplingParams = parts.sampling
+        self.rewards = parts.rewards
+        self.adv_cfg = parts.advantages
+        self.loss_cfg = parts.policy_loss
         self.rl = rl
         self.seed = seed
         self.ref_logprobs_fn = ref_logprobs_fn

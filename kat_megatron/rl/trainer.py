@@ -29,12 +29,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from kat_megatron.config import KatConfig
 from kat_megatron.data.tokenizer import load_tokenizer
 from kat_megatron.inference.engine import RolloutEngine
-from kat_megatron.models.builder import build_model, transformer_config
 from kat_megatron.rl.batching import (
     RolloutSample,
     microbatches,
@@ -43,11 +41,13 @@ from kat_megatron.rl.batching import (
     response_values,
 )
 from kat_megatron.rl.logprobs import forward_logprobs, rl_forward_step
-from kat_megatron.rl.prompts import PromptSampler
+from kat_megatron.rl.parts import build_parts
+from kat_megatron.rl.prompts import PromptSampler, load_prompts
 from kat_megatron.rl.rollouts import Group, RolloutCollector
 from kat_megatron.rl.step_metrics import rollout_metrics
-from kat_megatron.training import checkpointing as ckpt
-from kat_megatron.training.loop import Trainer, reduce_metrics
+from kat_megatron.training.checkpoint_meta import resolve_checkpoint
+from kat_megatron.training.checkpointing import load_frozen_model
+from kat_megatron.training.loop import Trainer, forward_backward, reduce_metrics
 from kat_megatron.utils.io import atomic_write_text
 
 log = logging.getLogger("kat")
@@ -69,14 +69,19 @@ def _sum_over_dp(value: float) -> float:
     return float(t.item())
 
 
+def _prompt_records(cfg: KatConfig, run_dir: Path) -> tuple[list]:
+    """The RL prompt records (`rl.prompts`), validated: the trainer's one "dataset"."""
+    return (load_prompts(cfg.rl.prompts),)
+
+
 class RLTrainer(Trainer):
     """`RLTrainer(cfg).run()`: Step-SRPO / GRPO on the shared loop (see the module doc)."""
 
     def __init__(self, cfg: KatConfig) -> None:
-        super().__init__(cfg)
+        super().__init__(cfg, build_datasets=_prompt_records)
         rl = cfg.rl
-        self.parts = rl.build_all()
-        self.loss_cfg = self.parts["policy_loss"]
+        self.parts = build_parts(rl)
+        self.loss_cfg = self.parts.policy_loss
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.pad_multiple = pad_multiple_for(cfg.parallel.tp)
@@ -105,7 +110,7 @@ class RLTrainer(Trainer):
         self._check_prompt_lengths(prompts)
         self.rollout_log = self.run_dir / "rollouts.jsonl"
         self._log_truncated = False
-        adv = self.parts["advantages"]
+        adv = self.parts.advantages
         self.mode_weight = adv.mode_weight if adv.estimator == "step_srpo" else 0.0
 
     # ----------------------------------------------------------------------------- set-up
@@ -119,21 +124,14 @@ class RLTrainer(Trainer):
                 "rl.policy_loss.kl_coef > 0 needs a reference policy: set rl.reference_ckpt "
                 "(or checkpoint.load, the initial policy)"
             )
-        path = Path(path)
-        if ckpt.latest_checkpoint(path) is not None:  # a checkpoints/ directory: its newest
-            path = ckpt.latest_checkpoint(path)
-        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.training.precision)
-        ref = build_model(cfg.model, cfg.parallel, cfg.training.precision, config=tcfg)
-        ckpt.load_checkpoint(path, ref)
-        for chunk in ref:
-            chunk.eval()
-            chunk.requires_grad_(False)
+        path = resolve_checkpoint(path)  # a run directory or checkpoints/ folder: its newest
+        ref = load_frozen_model(path, cfg.model, cfg.parallel, cfg.training.precision)
         log.info("reference policy for the KL terms: %s", path)
         return ref
 
     def _check_prompt_lengths(self, prompts) -> None:
         rl = self.cfg.rl
-        budget = rl.max_sequence_length - self.parts["sampling"].max_new_tokens
+        budget = rl.max_sequence_length - self.parts.sampling.max_new_tokens
         long = [p.id for i, p in enumerate(prompts) if len(self.collector.prompt_ids(i)) > budget]
         if long:
             raise ValueError(
@@ -197,20 +195,16 @@ class RLTrainer(Trainer):
         batches = microbatches(
             samples, mbs, n_micro, self.pad_id, self.pad_multiple, with_ref, with_old
         )
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=partial(rl_forward_step, cfg=self.loss_cfg),
-            data_iterator=iter(batches),
-            model=self.model,
-            num_microbatches=n_micro,
-            seq_length=max(b["tokens"].shape[1] for b in batches),
-            micro_batch_size=mbs,
-            forward_only=False,
+        losses, ok, grad_norm = forward_backward(
+            self.model,
+            self.optimizer,
+            partial(rl_forward_step, cfg=self.loss_cfg),
+            iter(batches),
+            n_micro,
+            max(b["tokens"].shape[1] for b in batches),
+            mbs,
         )
-        ok, grad_norm, _ = self.optimizer.step()
-        return losses, float(grad_norm) if grad_norm is not None else None, ok
+        return losses, grad_norm, ok
 
     def _train(self, samples: list[RolloutSample]) -> tuple[list, float, bool, int]:
         """`rl.ppo_epochs` passes over this rank's rollouts, each in `rl.mini_batches`

@@ -12,15 +12,15 @@ A save writes into `iter_N.tmp/`, waits for every rank, writes `kat_meta.json`, 
 directory to `iter_N` (an atomic rename on one filesystem). A crash at any point leaves the
 previous complete checkpoint as the newest one `--resume auto` finds. Loading reshards across
 TP/PP/EP layouts (model: always; optimizer: `fully_reshardable` distributed-optimizer format).
+Where checkpoints lie and what marks one complete is `training/checkpoint_meta.py`'s; `load_checkpoint`
+takes whatever its resolver accepts (one `iter_N/`, a checkpoints folder, a run directory).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,27 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
-from kat_megatron.utils.io import atomic_write_text
+from kat_megatron.config.schema import ModelConfig, ParallelConfig
+from kat_megatron.training.checkpoint_meta import (
+    checkpoint_dir,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    write_latest,
+    write_meta,
+)
+
+__all__ = [
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_frozen_model",
+    "save_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
-META_FILE = "kat_meta.json"
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -54,29 +68,6 @@ def _barrier() -> None:
 
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def checkpoint_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"iter_{step:07d}"
-
-
-def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _ITER_RE.match(p.name)
-        if m and (p / META_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (None when there is none)."""
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
 
 
 def _rng_state() -> ShardedObject:
@@ -159,11 +150,11 @@ def save_checkpoint(
     _fault_point("after_shards", step)
     _barrier()
     if _is_rank0():
-        atomic_write_text(tmp / META_FILE, json.dumps(extra, indent=2))
+        write_meta(tmp, extra)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write_text(Path(root) / LATEST_FILE, f"{step}\n")
+        write_latest(root, step)
         if keep_last:
             for _, old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -179,11 +170,10 @@ def load_checkpoint(
     scheduler=None,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Load `path` into `model` (and optimizer, scheduler, RNG when given). Returns kat extras."""
-    path = Path(path)
-    if not (path / META_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete kat checkpoint (no {META_FILE})")
-    meta = json.loads((path / META_FILE).read_text())
+    """Load checkpoint `path` (as `resolve_checkpoint` finds it) into `model` (and optimizer,
+    scheduler, RNG when given). Returns kat extras."""
+    path = resolve_checkpoint(path)
+    meta = read_meta(path, need_model=False)
     with_optimizer = optimizer is not None and meta.get("has_optimizer", True)
     state = _model_state(model)
     if with_optimizer:
@@ -206,6 +196,24 @@ def load_checkpoint(
     if optimizer is not None:
         _set_rng_state(loaded["rng_state"])
     return dict(loaded.get("kat", {}))
+
+
+def load_frozen_model(
+    path: str | Path, model: ModelConfig, parallel: ParallelConfig, precision: str = "auto"
+) -> list:
+    """This rank's chunks of `model` at layout `parallel` with the weights of checkpoint `path`
+    (resharded to the layout), in eval mode with gradients off: a reference policy, a KD
+    teacher, an inference or verification model. Built without random initialisation (the
+    weights are all overwritten); Megatron-Core's groups must be initialised for `parallel`."""
+    from kat_megatron.models.builder import build_model, transformer_config
+
+    config = transformer_config(model, parallel, precision, perform_initialization=False)
+    chunks = build_model(model, parallel, precision, config=config)
+    load_checkpoint(path, chunks)
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
 
 
 def _init_adam_state(optimizer) -> None:

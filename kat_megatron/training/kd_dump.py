@@ -127,11 +127,12 @@ def dump_teacher(spec: DumpSpec) -> Path:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from kat_megatron.checkpoint.mcore_io import read_meta, resolve_checkpoint
     from kat_megatron.data.gpt_data import build_gpt_datasets
     from kat_megatron.data.teacher_topk import TeacherTopKWriter, merge_teacher_topk
     from kat_megatron.parallel.init import initialize
-    from kat_megatron.training.kd_teacher import load_frozen_teacher, teacher_model_config
+    from kat_megatron.training.checkpoint_meta import read_meta, resolve_checkpoint
+    from kat_megatron.training.checkpointing import load_frozen_model
+    from kat_megatron.training.kd_teacher import teacher_model_config
 
     path = resolve_checkpoint(spec.ckpt)
     model_cfg = teacher_model_config(KDTeacherConfig(ckpt=str(path)), read_meta(path))
@@ -146,7 +147,7 @@ def dump_teacher(spec: DumpSpec) -> Path:
         )
     parallel = ParallelConfig(tp=spec.tp)
     dp = initialize(parallel, spec.seed, model_cfg)
-    chunk = load_frozen_teacher(path, model_cfg, parallel, spec.precision)[0]
+    chunk = load_frozen_model(path, model_cfg, parallel, spec.precision)[0]
     train, _, _ = build_gpt_datasets(
         spec.data, spec.data.seq_length, spec.seed, (spec.num_samples, 1, 1),
         cache_dir=spec.cache_dir, create_attention_mask=False,

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from kat_megatron.config.schema import KatConfig
+from kat_megatron.config.schema import KatConfig, KDSection, ModelConfig
 from kat_megatron.losses.kd import KDConfig, documents_from_eod, mtp_kd_loss
+from kat_megatron.training.datasets import pretrain_datasets
 from kat_megatron.training.kd_teacher import (
     OfflineTeacher,
     OnlineTeacher,
@@ -83,16 +84,64 @@ class KDRuntime:
 _RUNTIME: KDRuntime | None = None
 
 
+def kd_loss_config(kd: KDSection, model: ModelConfig) -> KDConfig:
+    """The loss's `KDConfig` from the `kd` section (validates `divergence` against the
+    registry); `kd.mtp_loss_scaling_factor` None means the model's."""
+    lam = kd.mtp_loss_scaling_factor
+    return KDConfig(
+        alpha=kd.alpha,
+        temperature=kd.temperature,
+        topk=kd.topk,
+        divergence=kd.divergence,
+        mtp_loss_scaling_factor=model.mtp_loss_scaling_factor if lam is None else lam,
+    )
+
+
+def check_kd(cfg: KatConfig) -> None:
+    """Cross-section checks of `stage: kd` (one-line ValueErrors naming the field)."""
+    kd, par = cfg.kd, cfg.parallel
+    teacher = kd.teacher_config()
+    kd_loss_config(cfg.kd, cfg.model)  # the divergence name, as losses.kd.KDConfig checks it
+    depth = cfg.model.mtp_num_layers or 0  # D = 0: the main head only
+    if depth >= cfg.data.seq_length:
+        raise ValueError(
+            f"model.mtp_num_layers={depth}: stage kd needs fewer MTP depths than "
+            f"data.seq_length={cfg.data.seq_length}"
+        )
+    if par.cp != 1:
+        raise ValueError(
+            "stage kd: parallel.cp must be 1 (the depth-d target shift would cross "
+            "context-parallel chunks)"
+        )
+    if kd.topk > cfg.model.vocab_size:
+        raise ValueError(f"kd.topk={kd.topk} exceeds model.vocab_size={cfg.model.vocab_size}")
+    if teacher.mode == "online":
+        if teacher.ckpt is None and kd.alpha > 0:
+            raise ValueError(
+                "kd.teacher.ckpt: stage kd with kd.teacher.mode=online needs the teacher's "
+                "checkpoint directory (or kd.alpha=0 for cross-entropy only)"
+            )
+        if teacher.ckpt is not None and par.pp > 1:
+            raise ValueError(
+                f"kd.teacher.mode=online with parallel.pp={par.pp}: the online teacher runs "
+                "without pipeline parallelism only; write its top-K with `kat kd dump-teacher` "
+                "and set kd.teacher.mode=offline, kd.teacher.topk_dir=DIR"
+            )
+    elif teacher.topk_dir is None and kd.alpha > 0:
+        raise ValueError(
+            "kd.teacher.topk_dir: stage kd with kd.teacher.mode=offline needs the directory "
+            "written by `kat kd dump-teacher` (or kd.alpha=0 for cross-entropy only)"
+        )
+
+
 def build_kd(cfg: KatConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     """Stage kd's datasets `(train, valid, test)`; builds the teacher and the runtime."""
     global _RUNTIME
-    from kat_megatron.training.stages import _pretrain_data
-
-    train, valid, test = _pretrain_data(cfg, run_dir)
+    train, valid, test = pretrain_datasets(cfg, run_dir)
     samples = SampleRecorder(train)
     tokenizer = train.config.tokenizer
     teacher_cfg = cfg.kd.teacher_config()
-    loss_cfg = cfg.kd.loss_config(cfg.model)
+    loss_cfg = kd_loss_config(cfg.kd, cfg.model)
     teacher: OnlineTeacher | OfflineTeacher | None = None
     if teacher_cfg.mode == "online" and teacher_cfg.ckpt is not None:
         teacher = OnlineTeacher(cfg, tokenizer.fingerprint)

@@ -25,18 +25,17 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
-from kat_megatron.checkpoint.mcore_io import read_meta, resolve_checkpoint
 from kat_megatron.config.schema import (
     KatConfig,
     KDTeacherConfig,
     ModelConfig,
-    ParallelConfig,
     check_layout,
 )
 from kat_megatron.data.teacher_topk import TeacherTopKMismatch, TeacherTopKReader
 from kat_megatron.losses.kd import TeacherLogits, TeacherTopK
-from kat_megatron.models.builder import build_model, padded_vocab_size, transformer_config
-from kat_megatron.training.checkpointing import load_checkpoint
+from kat_megatron.models.builder import padded_vocab_size
+from kat_megatron.training.checkpoint_meta import read_meta, resolve_checkpoint
+from kat_megatron.training.checkpointing import load_frozen_model
 
 log = logging.getLogger("kat")
 
@@ -144,19 +143,6 @@ def check_teacher_tokenizer(meta: dict, data_tokenizer: str, fingerprint: str) -
         )
 
 
-def load_frozen_teacher(
-    path, model_cfg: ModelConfig, parallel: ParallelConfig, precision: str
-) -> list:
-    """The teacher's model chunk(s) at layout `parallel`, weights from `path`, frozen."""
-    tconf = transformer_config(model_cfg, parallel, precision, perform_initialization=False)
-    chunks = build_model(model_cfg, parallel, precision, config=tconf)
-    load_checkpoint(path, chunks)
-    for chunk in chunks:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return chunks
-
-
 class OnlineTeacher:
     """A frozen Megatron-Core teacher run in the student's forward step (no activations kept)."""
 
@@ -167,7 +153,7 @@ class OnlineTeacher:
         self.model_cfg = teacher_model_config(teacher, meta)
         check_teacher_fits(self.model_cfg, cfg.model, cfg)
         check_teacher_tokenizer(meta, cfg.data.tokenizer, tokenizer_fingerprint)
-        self.chunks = load_frozen_teacher(
+        self.chunks = load_frozen_model(
             self.path, self.model_cfg, cfg.parallel, cfg.training.precision
         )
         log.info(

@@ -1,6 +1,7 @@
-"""The pretraining loop: `kat train examples/tiny_pretrain/config.yaml [key=value ...] [--nproc N]`.
+"""The training loop: `kat train examples/tiny_pretrain/config.yaml [key=value ...] [--nproc N]`.
 
-Build (process groups, model chunks, DDP, optimizer, scheduler, data) -> resume -> for each step:
+`Trainer(cfg, build_datasets, forward_step)` is handed what its stage contributes (the registry
+in `kat_megatron/stages.py` chooses; pretraining's by default). Build (process groups, model chunks, DDP, optimizer, scheduler, data) -> resume -> for each step:
 run Megatron-Core's forward-backward schedule over the step's micro-batches, optimizer step,
 scheduler step, metrics, periodic checkpoint. A SIGTERM/SIGUSR1 (SLURM's pre-timeout signal)
 finishes the current step, saves a checkpoint and exits with `EXIT_PREEMPTED`.
@@ -11,7 +12,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,15 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from kat_megatron.config import KatConfig, config_to_dict, dump_config, format_config
+from kat_megatron.losses.lm import masked_token_loss
 from kat_megatron.models.builder import build_model, recompute_overrides, transformer_config
 from kat_megatron.parallel.init import initialize
 from kat_megatron.planning.runtime import log_memory_check
 from kat_megatron.training import checkpointing as ckpt
 from kat_megatron.training.batches import step_batches
+from kat_megatron.training.datasets import pretrain_datasets
 from kat_megatron.training.metrics import MetricsLogger
 from kat_megatron.training.optimizer import build_optimizer, wrap_ddp
-from kat_megatron.training.stages import get_stage
 
 log = logging.getLogger("kat")
 EXIT_PREEMPTED = 42
@@ -65,6 +69,55 @@ class _StopFlag:
         return bool(flag.item())
 
 
+def lm_forward_step(data_iterator, model, loss_fn=masked_token_loss):
+    """Megatron-Core forward step of stages pretrain and sft: one micro-batch through the model,
+    and its loss function.
+
+    `attention_mask` ([b, 1, s, s], True = masked) is passed when the batch has one (packed
+    SFT rows); otherwise the model's causal mask applies.
+    """
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(loss_fn, loss_mask_bs=batch["loss_mask"])
+
+
+def forward_backward(
+    model: list,
+    optimizer,
+    forward_step: Callable,
+    data_iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    **schedule_kwargs,
+) -> tuple[list, bool, float | None]:
+    """One optimizer step over `num_microbatches` micro-batches: zero the gradient buffers,
+    run Megatron-Core's schedule (no pipelining, 1F1B or interleaved, as the groups say) and
+    step the optimizer. Returns (the loss functions' outputs, whether the step was applied, the
+    gradient norm)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+        **schedule_kwargs,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    return losses, ok, float(grad_norm) if grad_norm is not None else None
+
+
 def reduce_metrics(losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Mean of every `[sum, count]` metric the loss function returned over the global batch
     (summed over micro-batches and data-parallel ranks), known on every rank.
@@ -99,12 +152,20 @@ def reduce_loss(losses: list[dict[str, torch.Tensor]]) -> float:
 class Trainer:
     """Owns one run: `Trainer(cfg).run()` returns the list of per-step metrics dicts.
 
-    Subclasses (a stage's own trainer, e.g. `kat_megatron.rl.trainer.RLTrainer`) override
-    `train_step` and the `extra_state` / `load_extra_state` checkpoint hooks."""
+    `build_datasets(cfg, run_dir) -> (train, valid, test)` and `forward_step` are the stage's
+    (`datasets` given instead: those, e.g. in tests). Subclasses (a stage's own trainer, e.g.
+    `kat_megatron.rl.trainer.RLTrainer`) override `train_step` and the `extra_state` /
+    `load_extra_state` checkpoint hooks."""
 
-    def __init__(self, cfg: KatConfig, datasets=None) -> None:
+    def __init__(
+        self,
+        cfg: KatConfig,
+        build_datasets: Callable[[KatConfig, Path], tuple] = pretrain_datasets,
+        forward_step: Callable = lm_forward_step,
+        datasets=None,
+    ) -> None:
         self.cfg = cfg
-        self.stage = get_stage(cfg.stage)
+        self.forward_step = forward_step
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.dp = initialize(cfg.parallel, cfg.training.seed, cfg.model)
@@ -119,12 +180,9 @@ class Trainer:
         chunks = build_model(cfg.model, cfg.parallel, cfg.training.precision, config=tcfg)
         self.model = wrap_ddp(cfg, chunks)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
-        self.datasets = datasets if datasets is not None else self._build_data()
+        self.datasets = datasets if datasets is not None else build_datasets(cfg, self.run_dir)
         self.state = TrainState()
         self.stop = _StopFlag()
-
-    def _build_data(self):
-        return self.stage.build_datasets(self.cfg, self.run_dir)
 
     def _resume(self) -> None:
         cfg = self.cfg
@@ -186,21 +244,17 @@ class Trainer:
             for _ in self.model
         ]
         start = time.perf_counter()
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=self.stage.forward_step,
-            data_iterator=iters if len(iters) > 1 else iters[0],
-            model=self.model,
-            num_microbatches=n_micro,
-            seq_length=cfg.data.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            decoder_seq_length=cfg.data.seq_length,
-            forward_only=False,
-        )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
-        ok, grad_norm, _ = self.optimizer.step()
+        losses, ok, grad_norm = forward_backward(
+            self.model,
+            self.optimizer,
+            self.forward_step,
+            iters if len(iters) > 1 else iters[0],
+            n_micro,
+            cfg.data.seq_length,
+            t.micro_batch_size,
+            decoder_seq_length=cfg.data.seq_length,
+        )
         if ok:
             self.scheduler.step(increment=1)
         reduced = reduce_metrics(losses)
@@ -212,7 +266,7 @@ class Trainer:
             "step": self.state.step,
             "loss": loss,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,
             "skipped": not ok,
             "step_time_s": elapsed,
             "tokens_per_s": t.global_batch_size * cfg.data.seq_length / elapsed,
@@ -261,9 +315,3 @@ class Trainer:
         if preempted:
             raise SystemExit(EXIT_PREEMPTED)
         return self.state.history
-
-
-def build_trainer(cfg: KatConfig) -> Trainer:
-    """The trainer of `cfg.stage`: the stage's own (`Stage.trainer`) or the shared loop."""
-    stage = get_stage(cfg.stage)
-    return stage.trainer(cfg) if stage.trainer is not None else Trainer(cfg)

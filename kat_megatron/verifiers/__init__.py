@@ -4,12 +4,13 @@
 in a `CodeSandbox`; `SubprocessSandbox` by default).
 """
 
+from typing import Any
+
 from kat_megatron.verifiers import code_verifier, math_verifier, text_verifiers  # noqa: F401
 from kat_megatron.verifiers.base import (
     VERIFIERS,
     Verifier,
     VerifyResult,
-    get_verifier,
     register_verifier,
 )
 from kat_megatron.verifiers.sandbox import (
@@ -30,3 +31,11 @@ __all__ = [
     "get_verifier",
     "register_verifier",
 ]
+
+
+def get_verifier(name: str, **kwargs: Any) -> Verifier:
+    """Build the verifier registered as `name` (the built-ins are registered by this package's
+    imports above); unknown names list the known ones."""
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; known: {sorted(VERIFIERS)}")
+    return VERIFIERS[name](**kwargs)

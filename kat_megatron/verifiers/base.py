@@ -45,12 +45,3 @@ def register_verifier(name: str) -> Callable[[Callable[..., Verifier]], Callable
         return factory
 
     return deco
-
-
-def get_verifier(name: str, **kwargs: Any) -> Verifier:
-    """Build the verifier registered as `name`; unknown names list the known ones."""
-    import kat_megatron.verifiers  # noqa: F401  (registers the built-in verifiers)
-
-    if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; known: {sorted(VERIFIERS)}")
-    return VERIFIERS[name](**kwargs)

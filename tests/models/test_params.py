@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
+from kat_megatron.config.presets import get_preset
 from kat_megatron.config.schema import ModelConfig, ParallelConfig
 from kat_megatron.models.info import model_info
 from kat_megatron.models.params import COMPONENTS, count_module_params, count_params
-from kat_megatron.models.presets import get_preset
 
 
 def _model(name: str, **overrides) -> ModelConfig:

@@ -93,7 +93,7 @@ def test_te_general_gemm_defined_without_te():
 
 def test_version_gate(monkeypatch):
     monkeypatch.setattr(cpu_adapter, "_APPLIED", [])
-    monkeypatch.setattr(cpu_adapter, "mcore_version", lambda: "0.99.0")
+    monkeypatch.setattr(cpu_adapter, "installed_mcore", lambda: "0.99.0")
     with pytest.raises(RuntimeError, match="megatron-core==0.16.1"):
         cpu_adapter.apply()
 

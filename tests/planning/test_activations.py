@@ -23,8 +23,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from kat_megatron.config.presets import get_preset
 from kat_megatron.config.schema import ModelConfig, ParallelConfig
-from kat_megatron.models.presets import get_preset
 from kat_megatron.planning.activations import ActivationOptions, activation_memory, in_flight
 from kat_megatron.planning.layout import Layout
 

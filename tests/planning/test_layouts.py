@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 
 from kat_megatron.config import load_config
+from kat_megatron.config.presets import get_preset
 from kat_megatron.config.schema import ModelConfig
 from kat_megatron.config.schema import check_layout as schema_check
 from kat_megatron.models.params import count_params
-from kat_megatron.models.presets import get_preset
 from kat_megatron.planning.inventory import expand, stage_inventory
 from kat_megatron.planning.layout import (
     Batch,

@@ -28,13 +28,13 @@ def main() -> None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from kat_megatron.config import ModelConfig, ParallelConfig
+    from kat_megatron.config.presets import get_preset
     from kat_megatron.data.synthetic_tasks import make_tasks, prompt_record
     from kat_megatron.data.tokenizer import load_tokenizer
     from kat_megatron.inference.engine import RolloutEngine
     from kat_megatron.inference.types import SamplingParams
     from kat_megatron.losses.policy import PolicyLossConfig
     from kat_megatron.models.builder import build_model
-    from kat_megatron.models.presets import get_preset
     from kat_megatron.parallel.init import initialize, shutdown
     from kat_megatron.rl.batching import RolloutSample, collate_rollouts, response_values
     from kat_megatron.rl.logprobs import forward_logprobs, rl_forward_step, vocab_parallel_entropy

@@ -144,6 +144,8 @@ def test_rollout_metrics_by_mode_and_category():
 
 def test_rl_config_section(tmp_path):
     from kat_megatron.config import load_config
+    from kat_megatron.rl.parts import build_parts
+    from kat_megatron.stages import load_run_config
 
     path = tmp_path / "c.yaml"
     path.write_text(
@@ -151,10 +153,10 @@ def test_rl_config_section(tmp_path):
         "  advantages: {estimator: grpo}\n"
     )
     cfg = load_config(path, ["rl.policy_loss.clip_high=0.3", "rl.rewards.overlong_buffer=8"])
-    parts = cfg.rl.build_all()
-    assert parts["policy_loss"].clip_high == 0.3 and parts["advantages"].estimator == "grpo"
-    assert parts["rewards"].max_new_tokens == 32  # follows the sampling budget
-    assert parts["rewards"].overlong_buffer == 8 and parts["sampling"].max_new_tokens == 32
+    parts = build_parts(cfg.rl)
+    assert parts.policy_loss.clip_high == 0.3 and parts.advantages.estimator == "grpo"
+    assert parts.rewards.max_new_tokens == 32  # follows the sampling budget
+    assert parts.rewards.overlong_buffer == 8 and parts.sampling.max_new_tokens == 32
     cases = {
         "rl.policy_loss.clip_hi=0.3": "rl.policy_loss: unknown keys ['clip_hi']",
         "rl.advantages.estimator=ppo": "rl.advantages.estimator='ppo': unknown",
@@ -167,7 +169,7 @@ def test_rl_config_section(tmp_path):
     }
     for override, message in cases.items():
         with pytest.raises(ValueError, match=None) as info:
-            load_config(path, [override])
+            load_run_config(path, [override])
         assert message in str(info.value), (override, str(info.value))
     with pytest.raises(ValueError, match="set rl.prompts"):
-        load_config(None, ["stage=rl"])
+        load_run_config(None, ["stage=rl"])

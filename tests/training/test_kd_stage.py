@@ -28,6 +28,8 @@ import pytest
 import yaml
 
 from kat_megatron.config import load_config
+from kat_megatron.stages import load_run_config
+from kat_megatron.training.kd_stage import kd_loss_config
 
 pytestmark = pytest.mark.timeout(900)  # ten CLI runs of a few seconds of compute each
 
@@ -113,7 +115,7 @@ def pipeline(tmp_path_factory, tiny_corpus, kat, metrics):
 def test_config_errors_name_the_field():
     def error(*overrides):
         with pytest.raises(ValueError) as info:
-            load_config(None, ["stage=kd", *overrides])
+            load_run_config(None, ["stage=kd", *overrides])
         return str(info.value)
 
     assert "kd.teacher.ckpt" in error()
@@ -127,12 +129,13 @@ def test_config_errors_name_the_field():
     assert "parallel.cp" in error("kd.alpha=0", "parallel.cp=2")
     assert "model.mtp_num_layers=64" in error("kd.alpha=0", "model.mtp_num_layers=64")
     # Allowed: CE only without a teacher; an offline teacher with pipeline parallelism; D = 0.
-    load_config(None, ["stage=kd", "kd.alpha=0"])
-    cfg = load_config(None, ["stage=kd", "kd.teacher.mode=offline", "kd.teacher.topk_dir=/d",
+    load_run_config(None, ["stage=kd", "kd.alpha=0"])
+    cfg = load_run_config(None, ["stage=kd", "kd.teacher.mode=offline", "kd.teacher.topk_dir=/d",
                              "parallel.pp=2", "kd.teacher.model.num_layers=8"])  # fmt: skip
     assert cfg.kd.teacher_config().model == {"num_layers": 8}
     assert (
-        cfg.kd.loss_config(cfg.model).mtp_loss_scaling_factor == cfg.model.mtp_loss_scaling_factor
+        kd_loss_config(cfg.kd, cfg.model).mtp_loss_scaling_factor
+        == cfg.model.mtp_loss_scaling_factor
     )
 
 
@@ -158,7 +161,7 @@ def test_student_heads_match_megatron_core_mtp_loss(tmp_path):
 
 def test_dump_teacher_writes_the_kd_samples_in_order(pipeline):
     from kat_megatron.data.teacher_topk import TeacherTopKReader, token_hash
-    from kat_megatron.training.stages import _pretrain_data
+    from kat_megatron.training.datasets import pretrain_datasets
 
     path = pipeline["topk"]
     header = json.loads((path / "header.json").read_text())
@@ -171,7 +174,7 @@ def test_dump_teacher_writes_the_kd_samples_in_order(pipeline):
     assert "teacher top-k" in pipeline["dump_stderr"]  # the progress bar
     # The dumped tokens are the KD run's samples; probabilities sum to one (K = V, no residual).
     cfg = load_config(pipeline["student_cfg"])
-    train, _, _ = _pretrain_data(cfg, pipeline["root"] / "student")
+    train, _, _ = pretrain_datasets(cfg, pipeline["root"] / "student")
     for i in (0, 333, 639):
         assert token_hash(train[i]["tokens"].numpy()) == int(reader.hashes[i])
     got = reader.batch([5, 6])
@@ -242,12 +245,12 @@ def test_mismatched_dump_fails_loudly(pipeline, tmp_path):
     whose tokens are not the dumped sample's: each is refused, naming what differs."""
     from kat_megatron.data.teacher_topk import TeacherTopKMismatch
     from kat_megatron.data.tokenizer import TINY_TOKENIZER_DIR
+    from kat_megatron.training.datasets import pretrain_datasets
     from kat_megatron.training.kd_teacher import OfflineTeacher
-    from kat_megatron.training.stages import _pretrain_data
 
     def teacher_for(*overrides):
         cfg = load_config(pipeline["student_cfg"], list(overrides))
-        train, _, _ = _pretrain_data(cfg, tmp_path)
+        train, _, _ = pretrain_datasets(cfg, tmp_path)
         return OfflineTeacher(pipeline["topk"], train, 512), train
 
     with pytest.raises(TeacherTopKMismatch, match=r"random_seed: dump 1234, this run 99.*--seed"):

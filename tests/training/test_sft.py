@@ -50,11 +50,11 @@ def write_chats(path: Path, n: int, seed: int = 0) -> Path:
 
 def test_packed_rows_match_unpacked_documents(tmp_path):
     from kat_megatron.config import ModelConfig, ParallelConfig
+    from kat_megatron.config.presets import get_preset
     from kat_megatron.data.packing import pack_examples, tokenize_chat
     from kat_megatron.data.sft_data import read_chat_records
     from kat_megatron.data.tokenizer import load_tokenizer
     from kat_megatron.models.builder import build_model
-    from kat_megatron.models.presets import get_preset
     from kat_megatron.parallel.init import initialize, shutdown
 
     convs, problems = read_chat_records([str(write_chats(tmp_path / "c.jsonl", 6))])

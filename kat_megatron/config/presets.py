@@ -1,4 +1,5 @@
-"""Model presets: `kat model info PRESET` prints their sizes; configs select one with `model.preset`.
+"""Model presets: `kat model info PRESET` prints their sizes; configs select one with `model.preset`
+(the loader, `config/loader.py`, merges it under the fields given beside it).
 
 A preset is a dict of `ModelConfig` field values. `kat-v1-40b` is the released KAT-V1-40B
 (Qwen2 architecture); `kat-200b-a40b` is this project's MoE design (see docs/scaling.md);
