@@ -22,7 +22,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from kat_megatron.commands.train import launch_local, under_launcher
+from kat_megatron.launch.local import launch_local, under_launcher
 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 

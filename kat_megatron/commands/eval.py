@@ -34,8 +34,8 @@ def _rank_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kat_megatron.commands.train import launch_local, under_launcher
     from kat_megatron.eval.runner import EvalConfig, load_prompts
+    from kat_megatron.launch.local import launch_local, under_launcher
     from kat_megatron.training.checkpoint_meta import resolve_checkpoint
 
     modes = EVAL_MODES if args.mode == "all" else (args.mode,)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kat_megatron.commands.train import launch_local, under_launcher
+from kat_megatron.launch.local import launch_local, under_launcher
 
 _SAMPLE_FLAGS = ("data", "num_samples", "seq_length", "seed", "split", "tokenizer", "cache_dir")
 

@@ -19,7 +19,7 @@ def _launch(nproc: int, module_args: list[str]) -> int:
     """
     import psutil
 
-    from kat_megatron.commands.train import local_torchrun
+    from kat_megatron.launch.local import local_torchrun
 
     cmd, env = local_torchrun(nproc, module_args)
     proc = subprocess.Popen(cmd, env=env)
@@ -65,8 +65,8 @@ def _rank_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kat_megatron.commands.train import under_launcher
     from kat_megatron.inference.server import ServeConfig, serve
+    from kat_megatron.launch.local import under_launcher
     from kat_megatron.training.checkpoint_meta import resolve_checkpoint
     from kat_megatron.utils.logging import setup_logging
 

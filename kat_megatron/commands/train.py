@@ -3,35 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 
-
-def under_launcher() -> bool:
-    """True inside torchrun or an `srun` task that has a rendezvous address."""
-    return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ)
-
-
-def local_torchrun(nproc: int, module_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(command, environment) running `python -m kat_megatron.cli MODULE_ARGS` on `nproc` local
-    ranks through torchrun (`--standalone`: a loopback rendezvous whose port the OS picks when
-    torchrun binds it, so concurrent jobs never race for one; one OpenMP thread per rank unless
-    OMP_NUM_THREADS is set)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--standalone",
-        "-m", "kat_megatron.cli", *module_args,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return cmd, env
-
-
-def launch_local(nproc: int, module_args: list[str]) -> int:
-    """Re-run `python -m kat_megatron.cli MODULE_ARGS` on `nproc` local ranks via torchrun."""
-    cmd, env = local_torchrun(nproc, module_args)
-    return subprocess.call(cmd, env=env)
+from kat_megatron.launch.local import launch_local, under_launcher
 
 
 def run(args: argparse.Namespace) -> int:
