@@ -1,6 +1,6 @@
 """Same as `kat convert verify`:
 
-    python tools/convert_verify.py --hf DIR --mcore DIR [--nproc N] [--layout tp2 ...] [--prompts FILE] [--tolerance 1e-3]
+    python tools/convert_verify.py --hf DIR --mcore DIR [--tp N --pp N --ep N] [--nproc N] [--prompts FILE] [--tolerance 1e-3]
 
 See `kat convert verify --help` and docs/conversion.md.
 """

@@ -105,7 +105,9 @@ def register(sub) -> None:
             "eval.json, eval.md, samples.jsonl and PNG plots to --out."
         ),
     )
-    e.add_argument("--ckpt", required=True, help="checkpoint (iter_N/) or directory of them")
+    e.add_argument(
+        "--ckpt", required=True, help="checkpoint: iter_N/, a checkpoints folder or a run dir"
+    )
     e.add_argument("--data", required=True, help="prompts JSONL (synthetic_tasks.prompt_record)")
     e.add_argument("--mode", default="all", choices=[*EVAL_MODES, "all"],
                    help="auto, think_on, think_off or all three (default: all)")  # fmt: skip

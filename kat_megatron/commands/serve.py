@@ -103,7 +103,9 @@ def register(sub) -> None:
             "SIGTERM or Ctrl-C. See docs/rollout_engine.md."
         ),
     )
-    s.add_argument("--ckpt", required=True, help="checkpoint (iter_N/) or directory of them")
+    s.add_argument(
+        "--ckpt", required=True, help="checkpoint: iter_N/, a checkpoints folder or a run dir"
+    )
     s.add_argument("--nproc", type=int, default=1, help="local ranks = tensor parallelism")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     s.add_argument("--port", type=int, default=8000, help="port (0: a free one; default 8000)")

@@ -20,7 +20,7 @@ sequence (a prompt token for prompts not yet consumed, else the token sampled la
   optimizer step is visible to the next `generate` without copying. Nothing derived from the
   weights outlives a batch (the KV cache is per batch; Megatron-Core's cached rotary tables
   depend on positions only), so `refit()` has nothing to invalidate; it pushes the new weights to
-  an external engine when a `WeightSync` is set (see `engine_sync`). During `generate` the model
+  an external engine when a `WeightSync` is set (see `weight_sync`). During `generate` the model
   is switched to eval mode, without sequence parallelism and without its MTP heads (Megatron-
   Core's static inference path supports neither) and is restored afterwards. Passes run under
   `torch.no_grad()`, not `inference_mode()`, so no inference tensor can reach a cache that a

@@ -1,8 +1,9 @@
 """The training loop: `kat train examples/tiny_pretrain/config.yaml [key=value ...] [--nproc N]`.
 
 `Trainer(cfg, build_datasets, forward_step)` is handed what its stage contributes (the registry
-in `kat_megatron/stages.py` chooses; pretraining's by default). Build (process groups, model chunks, DDP, optimizer, scheduler, data) -> resume -> for each step:
-run Megatron-Core's forward-backward schedule over the step's micro-batches, optimizer step,
+in `kat_megatron/stages.py` chooses; pretraining's by default). Build (process groups, model
+chunks, DDP, optimizer, scheduler, data) -> resume -> for each step: run Megatron-Core's
+forward-backward schedule over the step's micro-batches (`forward_backward`), optimizer step,
 scheduler step, metrics, periodic checkpoint. A SIGTERM/SIGUSR1 (SLURM's pre-timeout signal)
 finishes the current step, saves a checkpoint and exits with `EXIT_PREEMPTED`.
 """
