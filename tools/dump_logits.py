@@ -21,7 +21,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (iter_NNNNNNN)")
+    p.add_argument("--ckpt", required=True, help="checkpoint: iter_N, a checkpoints folder or a run dir")
     p.add_argument("--out", required=True, help="output .pt file")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
@@ -31,17 +31,15 @@ def main() -> None:
     from megatron.core import parallel_state
 
     from kat_megatron.config import load_config
-    from kat_megatron.models.builder import build_model
     from kat_megatron.models.forward import forward_logits
     from kat_megatron.parallel.init import initialize, shutdown
-    from kat_megatron.training.checkpointing import load_checkpoint
+    from kat_megatron.training.checkpointing import load_frozen_model
     from kat_megatron.utils.logging import setup_logging
 
     setup_logging()
     cfg = load_config(args.config, args.overrides)
     initialize(cfg.parallel, cfg.training.seed, cfg.model)
-    model = build_model(cfg.model, cfg.parallel, cfg.training.precision)
-    load_checkpoint(args.ckpt, model)
+    model = load_frozen_model(args.ckpt, cfg.model, cfg.parallel, cfg.training.precision)
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq), generator=g)
     logits = forward_logits(model, tokens)
