@@ -22,6 +22,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from kat_megatron.utils.http import send_json
+
 Script = Callable[[str, dict[str, Any]], "str | dict[str, Any]"]
 
 
@@ -130,13 +132,8 @@ class ScriptedLLMServer:
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            def _send(self, status: int, payload: dict) -> None:
+                send_json(self, status, payload)
 
             def do_GET(self) -> None:
                 self._send(200, {"object": "list", "data": [{"id": "scripted"}]})

@@ -42,6 +42,7 @@ from kat_megatron.data.chat_template import render_chat, validate_messages
 from kat_megatron.inference.sampling import cut_at_stop, request_seed
 from kat_megatron.inference.service import LockstepService, ServiceStopped
 from kat_megatron.inference.types import Completion, SamplingParams
+from kat_megatron.utils.http import send_json
 
 log = logging.getLogger("kat")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -272,12 +273,7 @@ def make_server(host: str, port: int, protocol: OpenAIProtocol, service: Lockste
             log.debug("http: " + fmt, *args)
 
         def _send(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, payload)
 
         def _error(self, status: int, message: str, kind: str) -> None:
             self._send(status, {"error": {"message": message, "type": kind, "code": status}})
