@@ -4,8 +4,10 @@ One process, no torch.distributed: the checkpoint is read one canonical tensor a
 (`McoreReader`), mapped to Hugging Face tensors (`mapping.to_hf`) and streamed into planned
 safetensors shards (`ShardedWriter`), so resident memory stays near the largest tensor. The
 folder is complete for transformers and vLLM: shards + `model.safetensors.index.json`,
-`config.json`, `generation_config.json`, and with `--tokenizer` the tokenizer files carrying the
-AutoThink chat template (or the tokenizer's own with `--chat-template keep`, or a .jinja file).
+`config.json`, `generation_config.json`, and the tokenizer files carrying the AutoThink chat
+template (or the tokenizer's own with `--chat-template keep`, or a .jinja file). The tokenizer is
+the one the checkpoint records (`data.tokenizer` of its run config: what training used, or the
+Hugging Face folder a conversion came from); `--tokenizer DIR` overrides it.
 It is written as `OUT.tmp` and renamed to `OUT` when complete.
 """
 
@@ -40,11 +42,23 @@ def _chat_template(choice: str) -> str | None:
     return path.read_text()
 
 
-def save_tokenizer(tokenizer_dir: str | Path, out: Path, chat_template: str) -> dict[str, Any]:
-    """Write the tokenizer files into `out`; returns its bos/eos/pad token ids."""
-    from transformers import AutoTokenizer
+def recorded_tokenizer(reader: McoreReader) -> str:
+    """The tokenizer checkpoint `reader` was trained (or converted) with: its `data.tokenizer`."""
+    name = (reader.meta["config"].get("data") or {}).get("tokenizer")
+    if not name:
+        raise ValueError(f"{reader.path}: no tokenizer recorded (data.tokenizer); pass --tokenizer")
+    return name
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+def save_tokenizer(tokenizer: str | Path, out: Path, chat_template: str) -> dict[str, Any]:
+    """Write the tokenizer files into `out` (`tiny` or a directory); returns its bos/eos/pad
+    token ids."""
+    from kat_megatron.data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(str(tokenizer))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{err}; pass --tokenizer DIR to export with another one") from None
     template = _chat_template(chat_template)
     if template is not None:
         tok.chat_template = template
@@ -87,7 +101,7 @@ def export_to_hf(
     dtype = dtype or reader.dtype
     with atomic_dir(out, overwrite) as tmp:
         size = write_tensors(reader, tmp, spec, dtype, max_shard_bytes)
-        ids = save_tokenizer(tokenizer, tmp, chat_template) if tokenizer else {}
+        ids = save_tokenizer(tokenizer or recorded_tokenizer(reader), tmp, chat_template)
         hf_config_for(reader.model, spec, dtype, ids).save_pretrained(str(tmp))
         GenerationConfig(**ids).save_pretrained(str(tmp))
     log.info("wrote %s (%s, %.2f GB of weights)", out, spec.arch, size / 1e9)

@@ -36,7 +36,13 @@ from kat_megatron.checkpoint.mapping import (
 )
 from kat_megatron.checkpoint.sources import TensorSource
 from kat_megatron.config.loader import config_to_dict, dump_config
-from kat_megatron.config.schema import KatConfig, ModelConfig, ParallelConfig, TrainingConfig
+from kat_megatron.config.schema import (
+    DataConfig,
+    KatConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
 from kat_megatron.models.builder import build_model, padded_vocab_size, transformer_config
 from kat_megatron.parallel.init import initialize
 from kat_megatron.training.checkpointing import save_checkpoint
@@ -59,6 +65,9 @@ class ImportJob:
     """Parameter dtype of the saved checkpoint: bf16, fp16 or fp32."""
     provenance: dict = field(default_factory=dict)
     """What was converted (recorded in kat_meta.json under `converted_from`)."""
+    tokenizer: str | None = None
+    """The source's tokenizer, recorded as the run config's `data.tokenizer` (what
+    `kat convert mcore-to-hf` exports); None: the default (`tiny`)."""
 
 
 def _rank0() -> bool:
@@ -153,7 +162,10 @@ def build_empty(model: ModelConfig, parallel: ParallelConfig, precision: str) ->
 def _run_config(model: ModelConfig, job: ImportJob) -> tuple[KatConfig, dict]:
     """The run config recorded with a converted checkpoint, and its kat_meta extras."""
     cfg = KatConfig(
-        model=model, parallel=job.parallel, training=TrainingConfig(precision=job.precision)
+        model=model,
+        parallel=job.parallel,
+        training=TrainingConfig(precision=job.precision),
+        data=DataConfig(tokenizer=job.tokenizer) if job.tokenizer else DataConfig(),
     )
     extra = {"consumed_samples": 0, "config": config_to_dict(cfg), "converted_from": job.provenance}
     return cfg, extra

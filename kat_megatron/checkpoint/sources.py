@@ -42,6 +42,11 @@ class HFSource:
     def __init__(self, hf_dir: str | Path) -> None:
         self.dir = Path(hf_dir)
         self.model, self.spec, self.dtype = model_config_from_hf(hf_dir)
+        files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+        self.tokenizer = (
+            str(self.dir.resolve()) if any((self.dir / f).is_file() for f in files) else None
+        )
+        """The folder itself when it holds a tokenizer (recorded as the checkpoint's)."""
         self.reader = HFReader(hf_dir)
         self.expected = hf_shapes(self.model, self.spec)
 
@@ -122,6 +127,8 @@ class McoreSource:
         self.reader = McoreReader(path)
         self.model = self.reader.model
         self.dtype = self.reader.dtype
+        self.tokenizer = (self.reader.meta["config"].get("data") or {}).get("tokenizer")
+        """The tokenizer the source checkpoint records (carried to the new one)."""
 
     def get(self, name: str) -> torch.Tensor:
         return self.reader.get(name)

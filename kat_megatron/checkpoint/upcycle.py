@@ -85,6 +85,7 @@ class UpcycleSource:
         self.dense, self.spec = dense, spec
         self.model = upcycled_model(dense.model, spec)
         self.dtype = getattr(dense, "dtype", torch.float32)
+        self.tokenizer = getattr(dense, "tokenizer", None)
 
     def _router(self, i: int) -> torch.Tensor:
         g, h = self.spec.granularity, self.model.hidden_size

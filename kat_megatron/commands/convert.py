@@ -112,7 +112,7 @@ def _import(args: argparse.Namespace, source, provenance: dict) -> int:
     def work() -> None:
         from kat_megatron.checkpoint.importer import ImportJob, run_import, run_stream_import
 
-        job = ImportJob(args.out, parallel, precision, provenance)
+        job = ImportJob(args.out, parallel, precision, provenance, source.tokenizer)
         (run_import if args.ranks else run_stream_import)(source, job)
 
     return _on_ranks(args, nproc if args.ranks else 1, work)
@@ -284,7 +284,11 @@ def register(sub) -> None:
     )
     _out_flags(p, "safetensors dtype (default: the checkpoint's)")
     p.add_argument("--arch", default=None, help="Qwen2ForCausalLM or Qwen3MoeForCausalLM")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir to include")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer to include (default: the one the checkpoint records, data.tokenizer)",
+    )
     p.add_argument("--chat-template", default="autothink", help="autothink | keep | FILE.jinja")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB)")
     p = _add(csub, "reshard", reshard, "kat checkpoint -> kat checkpoint at another layout")

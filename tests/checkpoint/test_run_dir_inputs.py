@@ -1,5 +1,5 @@
-"""Commands that take a checkpoint accept the run directory a training wrote:
-`pytest tests/checkpoint/test_run_dir_inputs.py` (real `kat` subprocesses, two gloo ranks).
+"""Commands that take a checkpoint accept the run directory a training wrote, and its export is
+complete: `pytest tests/checkpoint/test_run_dir_inputs.py` (real `kat` subprocesses, gloo ranks).
 
 One tiny model is written at TP=2 with a vocabulary padding that differs between TP=1 (512 -> 576)
 and TP=2 (512 -> 768), so a command that ignored the layout the checkpoint records would fail.
@@ -41,6 +41,18 @@ def test_export_and_verify_at_the_recorded_layout(run_dir, tmp_path):
     proc = _kat("convert", "mcore-to-hf", "--mcore", str(run_dir), "--out", str(hf))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 512
+    # No --tokenizer: the one the run trained with (data.tokenizer=tiny), with the AutoThink
+    # chat template, loadable as transformers users load any model folder.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<judge>\n"), prompt
+    assert tok.convert_tokens_to_ids("<judge>") != tok.unk_token_id
+    assert AutoModelForCausalLM.from_pretrained(str(hf)).config.architectures == [
+        "Qwen2ForCausalLM"
+    ]
     # No --tp/--nproc: the layout the checkpoint was written at (TP=2, two ranks).
     proc = _kat("convert", "verify", "--hf", str(hf), "--mcore", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
