@@ -1,17 +1,32 @@
-"""Shared fixtures: a preprocessed tiny corpus and a runner for real `kat` subprocesses."""
+"""Shared fixtures: a preprocessed tiny corpus and runners for real subprocesses: `kat` (the CLI)
+and `run_ranks` (a script on local gloo ranks, tests/launcher.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_launcher():
+    """tests/launcher.py, loaded by path: tests/ is not a package, and pytest's importlib mode
+    puts no test directory on sys.path."""
+    spec = importlib.util.spec_from_file_location(
+        "kat_tests_launcher", Path(__file__).with_name("launcher.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+launcher = _load_launcher()
 
 
 @pytest.fixture(scope="session")
@@ -36,28 +51,14 @@ def run_kat(
 ) -> subprocess.CompletedProcess:
     """Run `kat ARGS --nproc N` (the real CLI, real gloo ranks) and return the finished process.
 
-    Output goes through files, not pipes, so that a stray grandchild holding them open cannot
-    stall the test after the command itself has ended.
+    Output goes through files, not pipes; a non-zero exit raises AssertionError with the error
+    lines and the stderr tail unless `check=False` (`launcher.run_logged`).
     """
     cmd = [sys.executable, "-m", "kat_megatron.cli", *args, "--nproc", str(nproc)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
     full_env.update(env or {})
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run(
-            cmd, cwd=REPO, env=full_env, stdout=out, stderr=err, timeout=timeout
-        ).returncode
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
-    if check and proc.returncode != 0:
-        errors = [x for x in proc.stderr.splitlines() if "Error" in x or "error:" in x][:20]
-        raise AssertionError(
-            f"kat {' '.join(args)} exited {proc.returncode}\n--- error lines ---\n"
-            + "\n".join(errors)
-            + "\n--- stderr tail ---\n"
-            + proc.stderr[-3000:]
-        )
-    return proc
+    label = f"kat {' '.join(args)}"
+    return launcher.run_logged(cmd, full_env, timeout, check=check, cwd=REPO, label=label)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -76,3 +77,10 @@ def kat():
 def metrics():
     """`metrics(run_dir)`: rows of a run's metrics.jsonl."""
     return read_metrics
+
+
+@pytest.fixture(scope="session", name="run_ranks")
+def _run_ranks():
+    """`run_ranks(target, nproc, timeout=.., env=.., check=..)`: run a script on local gloo ranks
+    under torchrun (see tests/launcher.py)."""
+    return launcher.run_ranks

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -96,27 +91,3 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 def make_qwen2():
     """`make_qwen2(path, seed=.., **config)`: save a random Qwen2ForCausalLM."""
     return save_qwen2
-
-
-def run_torchrun(script: Path, args: list[str], nproc: int, timeout: int = 900):
-    """Run `script ARGS` on `nproc` local gloo ranks; assert it succeeded."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--standalone", str(script), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return proc
-
-
-@pytest.fixture(scope="session")
-def torchrun():
-    """`torchrun(script, args, nproc)`: run a script on local gloo ranks (see run_torchrun)."""
-    return run_torchrun

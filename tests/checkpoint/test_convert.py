@@ -39,7 +39,7 @@ UPCYCLE = {"experts": 4, "topk": 2}
 
 
 @pytest.fixture(scope="module")
-def converted(hf_models, tmp_path_factory, torchrun):
+def converted(hf_models, tmp_path_factory, run_ranks):
     """Run every conversion and verification in one 2-rank launch; paths and results."""
     root = tmp_path_factory.mktemp("mcore")
     hf = dict(hf_models)
@@ -81,7 +81,7 @@ def converted(hf_models, tmp_path_factory, torchrun):
     ]
     plan = root / "plan.json"
     plan.write_text(json.dumps({"steps": steps, "results": str(root / "results.json")}))
-    torchrun(REPO / "tests" / "checkpoint" / "convert_worker.py", [str(plan)], nproc=2)
+    run_ranks([Path(__file__).with_name("convert_worker.py"), plan], nproc=2, timeout=900)
     results = json.loads((root / "results.json").read_text())
     return {"hf": hf, "ckpt": ck, "results": results, "root": root}
 

@@ -16,8 +16,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +31,6 @@ from kat_megatron.inference.sampling import (
 )
 from kat_megatron.inference.types import SamplingParams
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 import engine_worker as W  # noqa: E402
 
@@ -62,15 +59,10 @@ def greedy(engine):
 
 
 @pytest.fixture(scope="module")
-def tp2(ckpt, tmp_path_factory) -> dict:
+def tp2(ckpt, tmp_path_factory, run_ranks) -> dict:
     """engine_worker.py on two gloo ranks: {rank: results}, plus rank 0's HF weights."""
     out = tmp_path_factory.mktemp("engine_tp2")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--standalone",
-           str(Path(W.__file__)), str(ckpt), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ranks([W.__file__, ckpt, out], nproc=2, timeout=300)
     ranks = {r: torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)}
     ranks["hf"] = torch.load(out / "hf_state.pt")
     return ranks

@@ -10,8 +10,6 @@ bound): both sides round log-sum-exps of magnitude ~5 (unit-scale logits, V = 96
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from kat_megatron.losses.vocab_parallel import (
     vocab_parallel_topk,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 import tp_kd_worker as W  # noqa: E402
 
@@ -132,15 +129,10 @@ def test_bf16_logits_give_bf16_grads_close_to_fp32():
 
 
 @pytest.fixture(scope="module")
-def tp_results(tmp_path_factory):
+def tp_results(tmp_path_factory, run_ranks):
     """Run tp_kd_worker.py on TP=2 gloo ranks once; {rank: results} and the full inputs."""
     out = tmp_path_factory.mktemp("tp_kd")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(TP),
-           "--standalone",
-           str(Path(W.__file__)), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ranks([W.__file__, out], nproc=TP, timeout=90)
     ranks = {r: torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(TP)}
     return ranks, torch.load(out / "inputs.pt")
 

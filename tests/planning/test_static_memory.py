@@ -13,8 +13,6 @@ The planner's parameter inventory must also list each rank's `named_parameters()
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,24 +26,15 @@ from kat_megatron.planning.inventory import expand, stage_inventory  # noqa: E40
 from kat_megatron.planning.layout import Layout  # noqa: E402
 from kat_megatron.planning.static import static_memory  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 RANKS = 4
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory) -> dict[str, list[dict]]:
+def measured(tmp_path_factory, run_ranks) -> dict[str, list[dict]]:
     """{case: [rank 0 row, ..., rank 3 row]} from one 4-rank launch."""
     out = tmp_path_factory.mktemp("static")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(RANKS),
-        "--standalone",
-        str(REPO / "tests" / "planning" / "measure_static.py"),
-        "--out", str(out), *CASES,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    worker = Path(__file__).with_name("measure_static.py")
+    run_ranks([worker, "--out", out, *CASES], nproc=RANKS, timeout=600)
     return {
         case: [json.loads((out / f"{case}.rank{r}.json").read_text()) for r in range(RANKS)]
         for case in CASES

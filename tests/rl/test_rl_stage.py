@@ -23,9 +23,6 @@ need a chain) with cold-start data that reasons on half the easy prompts and on 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +37,6 @@ from kat_megatron.data.synthetic_tasks import (
 )
 
 pytestmark = pytest.mark.timeout(1800)  # several multi-rank trainings
-REPO = Path(__file__).resolve().parents[2]
 TIMING_KEYS = ("time", "per_s")
 
 
@@ -111,16 +107,9 @@ def numeric(row: dict) -> dict:
     }
 
 
-def test_rollout_logprobs_equal_trainer_logprobs_tp2(sft_ckpt, tmp_path):
+def test_rollout_logprobs_equal_trainer_logprobs_tp2(sft_ckpt, tmp_path, run_ranks):
     out = tmp_path / "worker.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--standalone",
-        str(REPO / "tests" / "rl" / "rl_worker.py"), str(sft_ckpt), str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ranks([Path(__file__).with_name("rl_worker.py"), sft_ckpt, out], nproc=2, timeout=600)
     r = json.loads(out.read_text())
     print("TP=2 log-prob / entropy checks:", r)
     assert r["tokens"] > 100  # 12 rollouts of a real policy

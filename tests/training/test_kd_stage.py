@@ -139,18 +139,13 @@ def test_config_errors_name_the_field():
     )
 
 
-def test_student_heads_match_megatron_core_mtp_loss(tmp_path):
+def test_student_heads_match_megatron_core_mtp_loss(tmp_path, run_ranks):
     """At TP=2 with sequence parallelism, stage kd's heads with alpha=0 and no document masking
     reproduce Megatron-Core's MTP training: main CE sum, each depth's mean CE, and every
     parameter gradient. Same fp32 math in another order: values to 1e-5 relative, gradients to
     1e-5 of the largest gradient (measured: equal values, gradients within ~1e-7 relative)."""
     out = tmp_path / "heads.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--standalone",
-           str(WORKER), "heads", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ranks([WORKER, "heads", out], nproc=2, timeout=300)
     r = json.loads(out.read_text())
     assert r["num_heads"] == 3 and r["logits_shape"] == [16, 2, 256]  # [s, b, V/tp], sharded
     assert r["ours_main_sum"] == pytest.approx(r["mcore_main_sum"], rel=1e-5)

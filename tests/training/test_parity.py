@@ -13,9 +13,6 @@ moves the loss by 1e-3 or more within one step. The same runs feed the reshard-o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -111,38 +108,15 @@ def test_layout_matches_single_rank(runs, preset, layout):
     assert base[-1] < base[0] - 0.05
 
 
-def _dump_logits(config: Path, ckpt: Path, out: Path, nproc: int, overrides: list[str]):
+def _dump_logits(run_ranks, config: Path, ckpt: Path, out: Path, nproc: int, overrides: list[str]):
     """Run tools/dump_logits.py on `nproc` gloo ranks and load what it wrote."""
-    repo = Path(__file__).resolve().parents[2]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--standalone",
-        str(repo / "tools" / "dump_logits.py"),
-        str(config),
-        "--ckpt",
-        str(ckpt),
-        "--out",
-        str(out),
-        *overrides,
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = Path(__file__).resolve().parents[2] / "tools" / "dump_logits.py"
+    run_ranks([script, config, "--ckpt", ckpt, "--out", out, *overrides], nproc=nproc)
     return torch.load(out)
 
 
 @pytest.mark.parametrize("preset", ["tiny-moe"])  # the dense case is a subset of its paths
-def test_reshard_on_load(runs, preset, tmp_path):
+def test_reshard_on_load(runs, preset, tmp_path, run_ranks):
     """TP2xPP2 checkpoint -> TP1 logits, and TP1 checkpoint -> TP2xPP2 logits, agree.
 
     The first is the TP2xPP2 run's final checkpoint, the second the initial weights (saved by
@@ -154,14 +128,14 @@ def test_reshard_on_load(runs, preset, tmp_path):
     big = latest_checkpoint(res["dirs"]["tp2_pp2"] / "checkpoints")
     small = res["init"]
     tp2pp2 = [*res["model"], "parallel.tp=2", "parallel.pp=2"]
-    a = _dump_logits(config, big, tmp_path / "a.pt", 4, tp2pp2)
-    b = _dump_logits(config, big, tmp_path / "b.pt", 1, res["model"])
+    a = _dump_logits(run_ranks, config, big, tmp_path / "a.pt", 4, tp2pp2)
+    b = _dump_logits(run_ranks, config, big, tmp_path / "b.pt", 1, res["model"])
     assert torch.equal(a["tokens"], b["tokens"])
     diff = (a["logits"] - b["logits"]).abs().max().item()
     print(f"{preset}: TP2xPP2 ckpt, logits TP2xPP2 vs TP1: max abs diff {diff:.2e}")
     assert diff <= 1e-5
-    c = _dump_logits(config, small, tmp_path / "c.pt", 1, res["model"])
-    d = _dump_logits(config, small, tmp_path / "d.pt", 4, tp2pp2)
+    c = _dump_logits(run_ranks, config, small, tmp_path / "c.pt", 1, res["model"])
+    d = _dump_logits(run_ranks, config, small, tmp_path / "d.pt", 4, tp2pp2)
     diff = (c["logits"] - d["logits"]).abs().max().item()
     print(f"{preset}: TP1 ckpt, logits TP1 vs TP2xPP2: max abs diff {diff:.2e}")
     assert diff <= 1e-5
