@@ -1,5 +1,5 @@
-"""Shared fixtures: a preprocessed tiny corpus and runners for real subprocesses: `kat` (the CLI)
-and `run_ranks` (a script on local gloo ranks, tests/launcher.py)."""
+"""Shared fixtures: the tiny tokenizer, a preprocessed tiny corpus, and runners for real
+subprocesses: `kat` (the CLI) and `run_ranks` (a script on local gloo ranks, tests/launcher.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,25 @@ def _load_launcher():
 
 
 launcher = _load_launcher()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The packaged tiny tokenizer as a Hugging Face tokenizer (`load_tokenizer("tiny")`), one
+    object for the session: a test that changes a tokenizer (adds tokens, sets a template) loads
+    its own."""
+    from kat_megatron.data.tokenizer import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_tokenizer):
+    """The tiny tokenizer as Megatron-Core's datasets see it: `MegatronTokenizerAdapter` named
+    "tiny" (what `MegatronTokenizerAdapter.from_name("tiny")` builds)."""
+    from kat_megatron.data.tokenizer import MegatronTokenizerAdapter
+
+    return MegatronTokenizerAdapter(tiny_tokenizer, name="tiny")
 
 
 @pytest.fixture(scope="session")

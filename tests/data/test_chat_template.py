@@ -7,13 +7,10 @@ import pytest
 from kat_megatron.data.autothink import AutoThinkResponse, render_response
 from kat_megatron.data.chat_template import (
     CHAT_TEMPLATE,
-    TEMPLATE_PATH,
     chat_segments,
     install_chat_template,
     render_chat,
 )
-
-TINY_DIR = TEMPLATE_PATH.parents[1] / "tiny_tokenizer"
 
 FIRST = render_response(
     AutoThinkResponse("Arithmetic with carries; reason.", "think_on", "\\boxed{391}", "17*23=391")
@@ -45,41 +42,36 @@ CONVERSATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TINY_DIR))
+def test_tiny_tokenizer_ships_the_template(tiny_tokenizer):
+    assert tiny_tokenizer.chat_template == CHAT_TEMPLATE
 
 
-def test_tiny_tokenizer_ships_the_template(tiny):
-    assert tiny.chat_template == CHAT_TEMPLATE
-
-
-def test_generation_prompt_opens_judge(tiny):
+def test_generation_prompt_opens_judge(tiny_tokenizer):
     msgs = CONVERSATIONS["one_turn"]
-    text = tiny.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = tiny_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nWhat is 17 * 23?<|im_end|>\n<|im_start|>assistant\n<judge>\n"
-    no_prompt = tiny.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    no_prompt = tiny_tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=False
+    )
     assert no_prompt == "<|im_start|>user\nWhat is 17 * 23?<|im_end|>\n"
 
 
-def test_history_keeps_only_the_answer(tiny):
+def test_history_keeps_only_the_answer(tiny_tokenizer):
     msgs = CONVERSATIONS["history"]
-    text = tiny.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = tiny_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>assistant\n\\boxed{391}<|im_end|>\n" in text
     assert "<judge>\nArithmetic" not in text and "17*23=391" not in text and "<think" not in text
     # The turn after the last user message is the training target and is kept whole.
-    target = tiny.apply_chat_template(CONVERSATIONS["training_target"], tokenize=False)
+    target = tiny_tokenizer.apply_chat_template(CONVERSATIONS["training_target"], tokenize=False)
     assert target.endswith(f"<|im_start|>assistant\n{SECOND}<|im_end|>\n")
     assert "17*23=391" not in target
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("gen", [False, True])
-def test_python_mirror_matches_transformers(tiny, name, gen):
+def test_python_mirror_matches_transformers(tiny_tokenizer, name, gen):
     msgs = CONVERSATIONS[name]
-    expected = tiny.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    expected = tiny_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     assert render_chat(msgs, add_generation_prompt=gen) == expected
     pieces = chat_segments(msgs, add_generation_prompt=gen)
     assert "".join(t for t, _ in pieces) == expected

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from kat_megatron.data.autothink import AutoThinkResponse, render_response
-from kat_megatron.data.chat_template import TEMPLATE_PATH
 from kat_megatron.data.packing import (
     PACKERS,
     TokenizedExample,
@@ -17,15 +16,7 @@ from kat_megatron.data.packing import (
     tokenize_chat,
 )
 
-TINY_DIR = TEMPLATE_PATH.parents[1] / "tiny_tokenizer"
 PAD = 0
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TINY_DIR))
 
 
 def _conversation(rng: random.Random, i: int) -> list[dict[str, str]]:
@@ -44,18 +35,18 @@ def _conversation(rng: random.Random, i: int) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def examples(tiny):
+def examples(tiny_tokenizer):
     rng = random.Random(0)
     convs = [_conversation(rng, i) for i in range(24)]
-    return convs, [tokenize_chat(tiny, c) for c in convs]
+    return convs, [tokenize_chat(tiny_tokenizer, c) for c in convs]
 
 
-def test_tokenize_chat_matches_apply_chat_template(tiny, examples):
+def test_tokenize_chat_matches_apply_chat_template(tiny_tokenizer, examples):
     convs, toks = examples
     for conv, ex in zip(convs, toks):
-        ids = tiny.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+        ids = tiny_tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
         assert list(ex.ids) == list(ids)
-        trained = tiny.decode([t for t, m in zip(ex.ids, ex.mask) if m])
+        trained = tiny_tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
         assert trained == conv[-1]["content"] + "<|im_end|>"  # judge, mode, think, answer, end
 
 

@@ -14,15 +14,10 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 
 from kat_megatron.data.gpt_data import write_synthetic_corpus
 from kat_megatron.data.preprocess import MalformedInputError, preprocess_jsonl
-from kat_megatron.data.tokenizer import encode_text, load_tokenizer
+from kat_megatron.data.tokenizer import encode_text
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "tools" / "preprocess_data.py"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tokenizer("tiny")
 
 
 @pytest.fixture
@@ -38,11 +33,11 @@ def _texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
 
-def test_indexed_dataset_matches_direct_tokenization(tiny, corpus, tmp_path):
+def test_indexed_dataset_matches_direct_tokenization(tiny_tokenizer, corpus, tmp_path):
     prefix = tmp_path / "out" / "ds"
     stats = preprocess_jsonl([corpus], prefix, "tiny", progress=False)
     texts = _texts(corpus)
-    expected = [encode_text(tiny, t) + [tiny.eos_token_id] for t in texts]
+    expected = [encode_text(tiny_tokenizer, t) + [tiny_tokenizer.eos_token_id] for t in texts]
     ds = IndexedDataset(str(prefix))
     assert len(ds) == len(texts) == stats["documents"]
     for i, ids in enumerate(expected):
@@ -56,7 +51,7 @@ def test_indexed_dataset_matches_direct_tokenization(tiny, corpus, tmp_path):
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["ds.bin", "ds.idx", "ds.meta.json"]
 
 
-def test_malformed_lines_counted_with_line_numbers(tiny, tmp_path):
+def test_malformed_lines_counted_with_line_numbers(tiny_tokenizer, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "one"}\n{"text": "two"}\n')
     bad = tmp_path / "bad.jsonl"
@@ -70,7 +65,7 @@ def test_malformed_lines_counted_with_line_numbers(tiny, tmp_path):
         b'{"text": "\xff"}\n'  # 7 (invalid UTF-8)
         b'{"text": "last"}'  # 8, no trailing newline
     )
-    stats = preprocess_jsonl([good, bad], tmp_path / "ds", tiny, progress=False)
+    stats = preprocess_jsonl([good, bad], tmp_path / "ds", tiny_tokenizer, progress=False)
     assert stats["documents"] == 4 and stats["malformed"] == 6
     lines = [e.split(": ", 1)[0] for e in stats["malformed_examples"]]
     assert lines == [f"{bad}:{n}" for n in (2, 3, 4, 5, 6, 7)]
@@ -78,7 +73,7 @@ def test_malformed_lines_counted_with_line_numbers(tiny, tmp_path):
     assert "int, not a string" in stats["malformed_examples"][2]
     assert [(i["documents"], i["malformed"]) for i in stats["inputs"]] == [(2, 0), (2, 6)]
     ds = IndexedDataset(str(tmp_path / "ds"))
-    np.testing.assert_array_equal(ds[3], encode_text(tiny, "last") + [0])
+    np.testing.assert_array_equal(ds[3], encode_text(tiny_tokenizer, "last") + [0])
 
 
 def test_strict_fails_and_writes_nothing(tmp_path):
@@ -99,13 +94,13 @@ def test_workers_give_identical_output(corpus, tmp_path):
     assert one["tokens"] == two["tokens"] and one["documents"] == two["documents"]
 
 
-def test_no_eod_and_empty_documents(tiny, tmp_path):
+def test_no_eod_and_empty_documents(tiny_tokenizer, tmp_path):
     src = tmp_path / "a.jsonl"
     src.write_text('{"text": "hello"}\n{"text": ""}\n')
     stats = preprocess_jsonl([src], tmp_path / "ds", "tiny", append_eod=False, progress=False)
     assert stats["documents"] == 1 and stats["empty_documents"] == 1
     ds = IndexedDataset(str(tmp_path / "ds"))  # keep a reference: its arrays view its mmap
-    np.testing.assert_array_equal(ds[0], encode_text(tiny, "hello"))
+    np.testing.assert_array_equal(ds[0], encode_text(tiny_tokenizer, "hello"))
 
 
 def test_interrupted_write_leaves_no_idx(corpus, tmp_path, monkeypatch):

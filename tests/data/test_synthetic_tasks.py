@@ -108,13 +108,12 @@ def test_coldstart_rates_and_sft_records(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == recs[:3]
 
 
-def test_sequence_lengths_and_pretrain_documents():
+def test_sequence_lengths_and_pretrain_documents(tiny_tokenizer):
     from kat_megatron.data.packing import tokenize_chat
-    from kat_megatron.data.tokenizer import encode_text, load_tokenizer
+    from kat_megatron.data.tokenizer import encode_text
 
-    tok = load_tokenizer("tiny")
     longest = max(
-        len(tokenize_chat(tok, sft_record(ex, "think_on", judge)["messages"]).ids)
+        len(tokenize_chat(tiny_tokenizer, sft_record(ex, "think_on", judge)["messages"]).ids)
         for ex in make_tasks(200, seed=0, hard_fraction=1.0)
         for judge in (None, FORCED_JUDGE)
     )
@@ -129,5 +128,6 @@ def test_sequence_lengths_and_pretrain_documents():
     assert sum(FORCED_JUDGE in d for d in docs) == 10  # forced_judge_rate=0.25 of 40
     for d in docs:
         assert d.startswith("<|im_start|>user\n") and d.endswith("<|im_end|>\n")
-        ids = encode_text(tok, d)
-        assert tok.convert_tokens_to_ids("<judge>") in ids  # special tokens stay single ids
+        ids = encode_text(tiny_tokenizer, d)
+        # special tokens stay single ids
+        assert tiny_tokenizer.convert_tokens_to_ids("<judge>") in ids

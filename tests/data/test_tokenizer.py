@@ -20,30 +20,28 @@ from kat_megatron.data.tokenizer import (
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tokenizer("tiny")
+def test_tiny_tokenizer_vocab_and_special_tokens(tiny_tokenizer):
+    assert len(tiny_tokenizer) == 512
+    assert [tiny_tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(11))
+    assert tiny_tokenizer.eos_token == tiny_tokenizer.pad_token == "<|endoftext|>"
+    assert tiny_tokenizer.eos_token_id == tiny_tokenizer.pad_token_id == 0
+    assert set(SPECIAL_TOKENS) <= set(tiny_tokenizer.all_special_tokens)
 
 
-def test_tiny_tokenizer_vocab_and_special_tokens(tiny):
-    assert len(tiny) == 512
-    assert [tiny.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(11))
-    assert tiny.eos_token == tiny.pad_token == "<|endoftext|>"
-    assert tiny.eos_token_id == tiny.pad_token_id == 0
-    assert set(SPECIAL_TOKENS) <= set(tiny.all_special_tokens)
-
-
-def test_tiny_tokenizer_roundtrip_and_atomic_special_tokens(tiny):
+def test_tiny_tokenizer_roundtrip_and_atomic_special_tokens(tiny_tokenizer):
     text = "<judge>easy</judge><think_off><answer>12 + 7 = 19.</answer><|im_end|>"
-    ids = encode_text(tiny, text)
-    assert tiny.decode(ids) == text
+    ids = encode_text(tiny_tokenizer, text)
+    assert tiny_tokenizer.decode(ids) == text
     for tok in ("<judge>", "</judge>", "<think_off>", "<answer>", "</answer>", "<|im_end|>"):
-        assert tiny.convert_tokens_to_ids(tok) in ids
-    assert encode_text(tiny, text) == tiny.encode(text, add_special_tokens=False)
+        assert tiny_tokenizer.convert_tokens_to_ids(tok) in ids
+    assert encode_text(tiny_tokenizer, text) == tiny_tokenizer.encode(
+        text, add_special_tokens=False
+    )
     # Trained on the synthetic corpus, so its words compress well.
     doc = synthetic_documents(1, seed=99)[0]
-    assert len(encode_text(tiny, doc)) < len(doc) / 2
-    assert tiny.decode(encode_text(tiny, "héllo wörld ✓")) == "héllo wörld ✓"  # byte fallback
+    assert len(encode_text(tiny_tokenizer, doc)) < len(doc) / 2
+    word = "héllo wörld ✓"
+    assert tiny_tokenizer.decode(encode_text(tiny_tokenizer, word)) == word  # byte fallback
 
 
 def test_rebuild_is_byte_identical(tmp_path):
@@ -69,7 +67,7 @@ def test_load_tokenizer_from_directory_and_errors(tmp_path):
 
 
 def test_add_special_tokens():
-    tok = load_tokenizer("tiny")
+    tok = load_tokenizer("tiny")  # its own copy, not the shared fixture: tokens are added
     assert add_special_tokens(tok, ["<think>", "<|im_start|>"]) == 0
     assert add_special_tokens(tok, ["<tool>", "</tool>", "<think>"]) == 2
     assert len(tok) == 514
@@ -79,16 +77,16 @@ def test_add_special_tokens():
     assert encode_text(tok, "a<tool>b") == [*encode_text(tok, "a"), 512, *encode_text(tok, "b")]
 
 
-def test_megatron_adapter(tiny):
+def test_megatron_adapter(tiny_tokenizer):
     from megatron.core.tokenizers import MegatronTokenizerBase
 
-    adapter = MegatronTokenizerAdapter(tiny, name="tiny")
+    adapter = MegatronTokenizerAdapter(tiny_tokenizer, name="tiny")
     assert isinstance(adapter, MegatronTokenizerBase)
     assert adapter.vocab_size == 512
     assert adapter.eod == adapter.eos == 0
     assert adapter.pad == -1  # pad == eod: Megatron's "no pad token" sentinel
     assert adapter.pad_token_id == 0
-    assert adapter.tokenize("The cat.") == encode_text(tiny, "The cat.")
+    assert adapter.tokenize("The cat.") == encode_text(tiny_tokenizer, "The cat.")
     assert adapter.detokenize(adapter.tokenize("The cat.")) == "The cat."
     assert adapter.inv_vocab[adapter.vocab["<think>"]] == "<think>"
     ident = json.loads(json.dumps(adapter.unique_identifiers))

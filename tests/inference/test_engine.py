@@ -247,12 +247,9 @@ def test_filtered_logits_hand_computed():
     assert kept == [True, True, False, False]
 
 
-def test_stop_string_helpers():
-    from kat_megatron.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("tiny")
-    ids = tok.encode("the dog<|im_end|> and more", add_special_tokens=False)
-    stops = StopStrings(tok, ["<|im_end|>"])
+def test_stop_string_helpers(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("the dog<|im_end|> and more", add_special_tokens=False)
+    stops = StopStrings(tiny_tokenizer, ["<|im_end|>"])
     first = next(i for i in range(1, len(ids) + 1) if stops.hit(ids[:i]))
-    assert tok.decode(ids[:first]).endswith("<|im_end|>")
+    assert tiny_tokenizer.decode(ids[:first]).endswith("<|im_end|>")
     assert cut_at_stop("abc STOP def STOP", ["STOP", "def"]) == "abc "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kat_megatron.data.autothink import AutoThinkResponse, render_response
-from kat_megatron.data.tokenizer import encode_text, load_tokenizer
+from kat_megatron.data.tokenizer import encode_text
 from kat_megatron.rl.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageConfig,
@@ -148,17 +148,16 @@ def test_token_advantages():
     assert token_advantages(2.0, -1.0, 0, 0).shape == (0,)
 
 
-def test_mode_token_index_with_the_tiny_tokenizer():
-    tok = load_tokenizer("tiny")
+def test_mode_token_index_with_the_tiny_tokenizer(tiny_tokenizer):
     text = render_response(AutoThinkResponse("Small talk.", "think_off", "Hi!"))
-    ids = encode_text(tok, text[len("<judge>\n") :])  # what the engine generates
-    i = mode_token_index(ids, tok)
-    assert i is not None and tok.convert_ids_to_tokens(ids[i]) == "<think_off>"
-    assert tok.convert_ids_to_tokens(ids[: i + 1]).count("<think_off>") == 1
-    on, off = tok.convert_tokens_to_ids(["<think_on>", "<think_off>"])
+    ids = encode_text(tiny_tokenizer, text[len("<judge>\n") :])  # what the engine generates
+    i = mode_token_index(ids, tiny_tokenizer)
+    assert i is not None and tiny_tokenizer.convert_ids_to_tokens(ids[i]) == "<think_off>"
+    assert tiny_tokenizer.convert_ids_to_tokens(ids[: i + 1]).count("<think_off>") == 1
+    on, off = tiny_tokenizer.convert_tokens_to_ids(["<think_on>", "<think_off>"])
     assert mode_token_index(ids, [on, off]) == i
-    assert mode_token_index(ids[:i], tok) is None
-    assert mode_token_index([on, off], tok) == 0
+    assert mode_token_index(ids[:i], tiny_tokenizer) is None
+    assert mode_token_index([on, off], tiny_tokenizer) == 0
 
 
 def test_group_advantages_fields():

@@ -48,19 +48,17 @@ def write_chats(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def test_packed_rows_match_unpacked_documents(tmp_path):
+def test_packed_rows_match_unpacked_documents(tmp_path, tiny_tokenizer):
     from kat_megatron.config import ModelConfig, ParallelConfig
     from kat_megatron.config.presets import get_preset
     from kat_megatron.data.packing import pack_examples, tokenize_chat
     from kat_megatron.data.sft_data import read_chat_records
-    from kat_megatron.data.tokenizer import load_tokenizer
     from kat_megatron.models.builder import build_model
     from kat_megatron.parallel.init import initialize, shutdown
 
     convs, problems = read_chat_records([str(write_chats(tmp_path / "c.jsonl", 6))])
     assert len(convs) == 6 and len(problems) == 1 and ":4:" in problems[0]
-    tok = load_tokenizer("tiny")
-    examples = [tokenize_chat(tok, m) for m in convs]
+    examples = [tokenize_chat(tiny_tokenizer, m) for m in convs]
     row = pack_examples(examples, seq_length=512, pad_id=0).sequences[0]
     assert len(row.cu_seqlens) == 7  # all six documents in one row
 
