@@ -6,7 +6,7 @@
   number of (exactly zero-weighted, masked) keys changes only summation order.
 - Layouts: 6 steps of `kat train` with stage sft on tiny-moe from one initial checkpoint give the
   same losses at TP=2, PP=2 and EP=2 as on one rank (relative 1e-5, the bound and argument of
-  tests/training/test_parity.py).
+  tests/training/parity_common.py).
 """
 
 from __future__ import annotations
