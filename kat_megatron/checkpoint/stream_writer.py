@@ -20,7 +20,6 @@ Peak memory is about one canonical tensor (plus its padded copy), not the model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from kat_megatron.config.schema import ModelConfig, ParallelConfig
 from kat_megatron.models.builder import build_model, padded_vocab_size, transformer_config
 from kat_megatron.parallel.init import initialize
 from kat_megatron.training import checkpointing
+from kat_megatron.training.checkpoint_meta import checkpoint_dir, write_meta
 
 _STACKED_EXPERT = "decoder.layers.mlp.experts.experts."
 _LAYER_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.experts\.(.+)$")
@@ -128,7 +128,7 @@ def stream_save(source: TensorSource, root: Path, tp: int, precision: str, extra
     """
     chunks = meta_model(source.model, tp, precision)
     rows = padded_vocab_size(source.model, tp)
-    final = checkpointing.checkpoint_dir(root, 0)
+    final = checkpoint_dir(root, 0)
     tmp = final.with_name(final.name + ".tmp")
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -144,8 +144,7 @@ def stream_save(source: TensorSource, root: Path, tp: int, precision: str, extra
             state, str(tmp), sharded_strategy=strategy, content_metadata=content
         )
     if rank0:
-        text = json.dumps(state["kat"], indent=2)
-        checkpointing.atomic_write_text(tmp / checkpointing.META_FILE, text)
+        write_meta(tmp, state["kat"])
         tmp.rename(final)
     dist.barrier()
     return final

@@ -56,7 +56,7 @@ QUICK = DemoScale(
 
 def latest(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run (raises if there is none)."""
-    from kat_megatron.training.checkpointing import latest_checkpoint
+    from kat_megatron.training.checkpoint_meta import latest_checkpoint
 
     found = latest_checkpoint(run_dir / "checkpoints")
     if found is None:

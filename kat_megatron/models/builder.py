@@ -156,7 +156,7 @@ def transformer_config(
         # token count, which under sequence (and context) parallelism is 1/(tp*cp) of the
         # micro-batch that finalize_model_grads divides by: the load-balancing gradient would
         # shrink with the layout. Compensate so the coefficient means the same at any TP/CP
-        # (tests/training/test_parity.py checks tiny-moe TP=2 against TP=1).
+        # (tests/training/test_parity_moe.py checks tiny-moe TP=2 against TP=1).
         kw["moe_aux_loss_coeff"] = model.moe_aux_loss_coeff * parallel.tp * parallel.cp
     return TransformerConfig(**kw)
 

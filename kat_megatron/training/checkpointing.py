@@ -36,20 +36,11 @@ from kat_megatron.config.schema import ModelConfig, ParallelConfig
 from kat_megatron.training.checkpoint_meta import (
     checkpoint_dir,
     complete_checkpoints,
-    latest_checkpoint,
     read_meta,
     resolve_checkpoint,
     write_latest,
     write_meta,
 )
-
-__all__ = [
-    "checkpoint_dir",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "load_frozen_model",
-    "save_checkpoint",
-]
 
 log = logging.getLogger(__name__)
 

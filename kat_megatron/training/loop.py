@@ -31,6 +31,11 @@ from kat_megatron.parallel.init import initialize
 from kat_megatron.planning.runtime import log_memory_check
 from kat_megatron.training import checkpointing as ckpt
 from kat_megatron.training.batches import step_batches
+from kat_megatron.training.checkpoint_meta import (
+    checkpoint_dir,
+    latest_checkpoint,
+    resolve_checkpoint,
+)
 from kat_megatron.training.datasets import pretrain_datasets
 from kat_megatron.training.metrics import MetricsLogger
 from kat_megatron.training.optimizer import build_optimizer, wrap_ddp
@@ -189,11 +194,11 @@ class Trainer:
         cfg = self.cfg
         resume = cfg.checkpoint.resume
         if resume == "auto":
-            latest = ckpt.latest_checkpoint(self.ckpt_root)
+            latest = latest_checkpoint(self.ckpt_root)
         elif resume == "none":
             latest = None
         else:
-            latest = Path(resume)
+            latest = resolve_checkpoint(resume)  # an iter_N, a checkpoints folder or a run dir
         if latest is not None:
             extra = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
             self.state.step = int(extra["step"])
@@ -307,7 +312,7 @@ class Trainer:
                     )
                     break
             if cfg.checkpoint.save or preempted or cfg.training.exit_interval:
-                if ckpt.latest_checkpoint(self.ckpt_root) != ckpt.checkpoint_dir(
+                if latest_checkpoint(self.ckpt_root) != checkpoint_dir(
                     self.ckpt_root, self.state.step
                 ):
                     self._save()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from kat_megatron.training.checkpointing import latest_checkpoint
+from kat_megatron.training.checkpoint_meta import latest_checkpoint
 
 STEPS = 10
 REL_TOL = 1e-5

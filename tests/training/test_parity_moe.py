@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kat_megatron.training.checkpointing import latest_checkpoint
+from kat_megatron.training.checkpoint_meta import latest_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 import parity_common as P  # noqa: E402

@@ -17,11 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kat_megatron.training.checkpointing import (
-    checkpoint_dir,
-    latest_checkpoint,
-    read_checkpoint_tensors,
-)
+from kat_megatron.training.checkpoint_meta import checkpoint_dir, latest_checkpoint
+from kat_megatron.training.checkpointing import read_checkpoint_tensors
 
 pytestmark = pytest.mark.timeout(1200)  # several multi-rank trainings per test
 
