@@ -36,6 +36,13 @@ while not got and time.time() - start < 60:
 alive = helper.poll() is None
 helper.kill()
 open(os.path.join(out, f"result{rank}"), "w").write(f"{bool(got)} {alive}")
+# As training does (the ranks agree on stopping, then save together), exit only once every
+# rank has its answer: a rank exiting first makes torchrun stop the others.
+open(os.path.join(out, f"done{rank}"), "w").close()
+while not all(os.path.exists(os.path.join(out, f"done{r}")) for r in ("0", "1")):
+    if time.time() - start > 60:
+        break
+    time.sleep(0.05)
 sys.exit(42 if got else 0)
 """
 
