@@ -24,7 +24,7 @@ def test_model_info_prints_counts(capsys):
     "override,message",
     [
         ("optimizer.lrr=1", "did you mean 'optimizer.lr'"),
-        ("parallel.tp=3", "parallel.tp=3 does not divide model.num_attention_heads=4"),
+        ("parallel.tp=3", "parallel.tp=3 does not divide model.num_attention_heads=2"),
         ("parallel.pp=3", "parallel.pp=3 does not divide model.num_layers=4"),
         ("parallel.ep=2", "parallel.ep=2 needs an MoE model"),
         ("model.fp8=hybrid", "model.fp8=hybrid needs Transformer Engine and CUDA"),

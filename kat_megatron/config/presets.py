@@ -53,11 +53,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_aux_loss_coeff=1e-3,
         moe_router_load_balancing_type="aux_loss",
     ),
+    # tiny-*: 32-wide heads (2 heads, 2 KV groups: TP=2 splits both), the narrowest vLLM's CPU
+    # attention kernels accept, so an export of a tiny model serves in vLLM too.
     "tiny-dense": dict(
         _QWEN2,
         num_layers=4,
         hidden_size=64,
-        num_attention_heads=4,
+        num_attention_heads=2,
         num_query_groups=2,
         ffn_hidden_size=128,
         vocab_size=512,
@@ -67,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         _QWEN2,
         num_layers=4,
         hidden_size=64,
-        num_attention_heads=4,
+        num_attention_heads=2,
         num_query_groups=2,
         ffn_hidden_size=128,
         vocab_size=512,

@@ -89,12 +89,13 @@ def _attention(model: ModelConfig, layout: Layout, opts: ActivationOptions) -> d
             out["attn_softmax_stats"] = opts.micro_batch * a * opts.seq_len / layout.cp * 4
         return out
     s = opts.seq_len  # the local backend has no context parallelism
+    if opts.recompute == "none" and a > g:  # GQA: q, k and v expanded to `a` heads
+        out["attn_qkv"] = 3 * t * a * d * b
+    else:  # rotated q, k and the QKV output kept alive by v (a view of it: MHA, or recompute)
+        out["attn_qkv"] = t * ((a + 2 * g) + (a + g)) * d * b
     if opts.recompute == "none":
-        out["attn_qkv"] = 3 * t * a * d * b  # q, k and v expanded to `a` heads
         out["attn_softmax"] = opts.micro_batch * a * s * s * b + s * s  # probs + causal mask
         out["rope"] = 4 * s * d * b
-    else:  # checkpoint inputs: rotated q, k and the QKV output behind v
-        out["attn_qkv"] = t * ((a + 2 * g) + (a + g)) * d * b
     return out
 
 

