@@ -21,7 +21,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--ckpt", required=True, help="checkpoint: iter_N, a checkpoints folder or a run dir")
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint: iter_N, a checkpoints folder or a run dir"
+    )
     p.add_argument("--out", required=True, help="output .pt file")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
