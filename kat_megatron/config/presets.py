@@ -65,22 +65,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=512,
         max_position_embeddings=4096,
     ),
-    "tiny-moe": dict(
-        _QWEN2,
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=2,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-        vocab_size=512,
-        max_position_embeddings=4096,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=64,
-        moe_shared_expert_intermediate_size=64,
-        moe_first_k_dense=0,
-    ),
 }
+PRESETS["tiny-moe"] = dict(
+    PRESETS["tiny-dense"],  # the same trunk, every layer MoE
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    moe_shared_expert_intermediate_size=64,
+    moe_first_k_dense=0,
+)
 
 
 def get_preset(name: str) -> dict[str, Any]:
