@@ -12,6 +12,7 @@ any rank starts.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +33,8 @@ class RLParts:
     policy_loss: PolicyLossConfig
 
 
-_CLASSES = {
-    "sampling": SamplingParams,
-    "rewards": RewardConfig,
-    "advantages": AdvantageConfig,
-    "policy_loss": PolicyLossConfig,
-}
+_CLASSES: dict[str, type] = typing.get_type_hints(RLParts)
+"""`rl.<name>` -> its dataclass, as `RLParts` declares them."""
 
 
 def build_section(rl: RLConfig, name: str, **defaults: Any) -> Any:

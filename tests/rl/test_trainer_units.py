@@ -3,6 +3,7 @@ and the `rl:` config section (`pytest tests/rl/test_trainer_units.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -154,6 +155,9 @@ def test_rl_config_section(tmp_path):
     )
     cfg = load_config(path, ["rl.policy_loss.clip_high=0.3", "rl.rewards.overlong_buffer=8"])
     parts = build_parts(cfg.rl)
+    from kat_megatron.config.schema import RL_SUBSECTIONS
+
+    assert tuple(f.name for f in dataclasses.fields(parts)) == RL_SUBSECTIONS  # one set of names
     assert parts.policy_loss.clip_high == 0.3 and parts.advantages.estimator == "grpo"
     assert parts.rewards.max_new_tokens == 32  # follows the sampling budget
     assert parts.rewards.overlong_buffer == 8 and parts.sampling.max_new_tokens == 32
