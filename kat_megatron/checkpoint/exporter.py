@@ -7,12 +7,15 @@ folder is complete for transformers and vLLM: shards + `model.safetensors.index.
 `config.json`, `generation_config.json`, and the tokenizer files carrying the AutoThink chat
 template (or the tokenizer's own with `--chat-template keep`, or a .jinja file). The tokenizer is
 the one the checkpoint records (`data.tokenizer` of its run config: what training used, or the
-Hugging Face folder a conversion came from); `--tokenizer DIR` overrides it.
+Hugging Face folder a conversion came from); `--tokenizer DIR` overrides it. MTP heads
+(`model.mtp_num_layers`) go to `OUT/mtp/` (`checkpoint/hf_mtp.py`), beside a main folder that
+stays the stock architecture.
 It is written as `OUT.tmp` and renamed to `OUT` when complete.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from tqdm import tqdm
 
 from kat_megatron.checkpoint.hf_config import hf_config_for, hf_spec_for
 from kat_megatron.checkpoint.hf_io import ShardedWriter, atomic_dir
-from kat_megatron.checkpoint.mapping import hf_shapes, to_hf
+from kat_megatron.checkpoint.hf_mtp import MTP_DIR, mtp_config
+from kat_megatron.checkpoint.mapping import hf_shapes, is_mtp, mtp_is_moe, to_hf
 from kat_megatron.checkpoint.mcore_io import McoreReader
 
 log = logging.getLogger(__name__)
@@ -72,15 +76,23 @@ def save_tokenizer(tokenizer: str | Path, out: Path, chat_template: str) -> dict
 
 
 def write_tensors(reader: McoreReader, out: Path, spec, dtype, max_shard_bytes: int) -> int:
-    """Stream every tensor of `reader` into `out` as HF safetensors shards; returns bytes."""
+    """Stream every tensor of `reader` into `out` as HF safetensors shards (MTP heads into
+    `out/mtp/`); returns bytes."""
     model = reader.model
     plan = [(key, shape, dtype) for key, shape in hf_shapes(model, spec).items()]
-    writer = ShardedWriter(out, plan, max_shard_bytes)
+    writers = {False: ShardedWriter(out, [e for e in plan if not is_mtp(e[0])], max_shard_bytes)}
+    if model.mtp_num_layers:
+        (out / MTP_DIR).mkdir()
+        mtp_plan = [e for e in plan if is_mtp(e[0])]
+        writers[True] = ShardedWriter(out / MTP_DIR, mtp_plan, max_shard_bytes)
+        config = mtp_config(model, spec.arch, mtp_is_moe(model))
+        (out / MTP_DIR / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in tqdm(reader.names(), desc="mcore-to-hf", unit="tensor"):
         for key, t in to_hf(name, reader.get(name), model, spec):
-            writer.write(key, t.to(dtype))
-    writer.close()
-    return writer.total_size
+            writers[is_mtp(key)].write(key, t.to(dtype))
+    for writer in writers.values():
+        writer.close()
+    return sum(writer.total_size for writer in writers.values())
 
 
 def export_to_hf(

@@ -6,7 +6,8 @@ on q, k, v *and* o_proj, so our QKV bias exports with a zero o_proj bias (exact)
 refuses a non-zero one. Megatron's default router (top-k on logits, softmax over the k) equals
 Qwen3-MoE's softmax-then-renormalise, i.e. `norm_topk_prob: true`; false is refused. Anything
 else the mapping cannot reproduce exactly (sliding windows, RoPE scaling, other activations)
-is a one-line error naming the field.
+is a one-line error naming the field. MTP heads travel in the export's `mtp/` subfolder
+(`checkpoint/hf_mtp.py`); config.json itself stays the stock architecture's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kat_megatron.checkpoint.hf_mtp import read_mtp_config
 from kat_megatron.config.schema import ModelConfig
 
 QWEN2 = "Qwen2ForCausalLM"
@@ -127,6 +129,11 @@ def model_config_from_hf(hf_dir: str | Path) -> tuple[ModelConfig, HFSpec, torch
     else:
         fields.update(_moe_fields(cfg, where))
         spec = HFSpec(arch, qkv_bias=fields["add_qkv_bias"], o_bias=fields["add_qkv_bias"])
+    mtp = read_mtp_config(hf_dir)
+    if mtp is not None:
+        fields["mtp_num_layers"] = mtp["num_nextn_predict_layers"]
+        if mtp.get("mtp_loss_scaling_factor") is not None:
+            fields["mtp_loss_scaling_factor"] = float(mtp["mtp_loss_scaling_factor"])
     dtype = getattr(cfg, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -144,8 +151,6 @@ def hf_spec_for(model: ModelConfig, arch: str | None = None) -> HFSpec:
         raise ValueError(f"unsupported architecture {arch!r}; choose from {list(ARCHITECTURES)}")
     if model.activation != "swiglu" or model.normalization != "RMSNorm":
         raise ValueError(f"{arch} needs activation=swiglu and normalization=RMSNorm")
-    if model.mtp_num_layers:
-        raise ValueError(f"{arch} has no multi-token-prediction layers (model.mtp_num_layers)")
     if arch == QWEN2:
         if model.is_moe or model.qk_layernorm:
             raise ValueError("Qwen2ForCausalLM is dense without qk-norm; this model is not")

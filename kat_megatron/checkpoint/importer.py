@@ -30,9 +30,12 @@ from tqdm import tqdm
 
 from kat_megatron.checkpoint.mapping import (
     EMBEDDING,
+    MTP_LAYER,
     OUTPUT,
     VOCAB_TENSORS,
     canonical_layer_name,
+    canonical_mtp_name,
+    split_mtp,
 )
 from kat_megatron.checkpoint.sources import TensorSource
 from kat_megatron.config.loader import config_to_dict, dump_config
@@ -74,23 +77,31 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def canonical_name(pname: str, layer_numbers: list[int], expert_offset: int, tied: bool) -> str:
-    """Canonical name of a parameter of this rank's model chunk (local or TE spec)."""
-    if pname == OUTPUT and tied:
-        return EMBEDDING  # the last stage's copy of the tied embedding
-    m = _LAYER_RE.match(pname)
-    if not m:
-        if pname.startswith("mtp."):
-            raise ValueError("multi-token-prediction layers are not supported by kat convert")
-        return pname
-    i, rest = layer_numbers[int(m.group(1))], m.group(2)
+def _global_experts(rest: str, expert_offset: int) -> str:
+    """A layer tensor's name with this rank's local expert index made global."""
     e = _LOCAL_EXPERT_RE.match(rest)
     if e:
         rest = f"mlp.experts.local_experts.{expert_offset + int(e.group(1))}.{e.group(2)}"
     e = _TE_EXPERT_RE.match(rest)
     if e:
         rest = f"mlp.experts.local_experts.{expert_offset + int(e.group(2))}.{e.group(1)}.weight"
-    return canonical_layer_name(i, rest)
+    return rest
+
+
+def canonical_name(pname: str, layer_numbers: list[int], expert_offset: int, tied: bool) -> str:
+    """Canonical name of a parameter of this rank's model chunk (local or TE spec)."""
+    if pname == OUTPUT and tied:
+        return EMBEDDING  # the last stage's copy of the tied embedding
+    k, rest = split_mtp(pname)  # MTP depths: numbered globally on the last stage
+    if k is not None:
+        if rest.startswith(MTP_LAYER):
+            rest = MTP_LAYER + _global_experts(rest[len(MTP_LAYER) :], expert_offset)
+        return canonical_mtp_name(k, rest)
+    m = _LAYER_RE.match(pname)
+    if not m:
+        return pname
+    i, rest = layer_numbers[int(m.group(1))], m.group(2)
+    return canonical_layer_name(i, _global_experts(rest, expert_offset))
 
 
 def partition_dim(name: str) -> int | None:
@@ -99,8 +110,10 @@ def partition_dim(name: str) -> int | None:
     Decided by name, not by Megatron's `tensor_model_parallel` attributes, which Megatron-Core
     only sets when it initialises the weights (we build with `perform_initialization=False`).
     """
-    if name in VOCAB_TENSORS or re.search(r"(linear_qkv\.(weight|bias)|linear_fc1\.weight)$", name):
-        return 0
+    if name in VOCAB_TENSORS or re.search(
+        r"(linear_qkv\.(weight|bias)|linear_fc1\.weight|eh_proj\.weight)$", name
+    ):
+        return 0  # eh_proj (MTP) is column-parallel too
     if re.search(r"(linear_proj|linear_fc2)\.weight$", name):
         return 1
     return None

@@ -18,6 +18,13 @@ Megatron's layout and without vocabulary padding (see `kat_megatron/checkpoint/_
 | `decoder.final_layernorm.weight`             | `model.norm.weight`                        |
 | `output_layer.weight` (untied only)          | `lm_head.weight`                           |
 
+MTP depth k (`model.mtp_num_layers`; written to the export's `mtp/` folder, see
+`checkpoint/hf_mtp.py`): canonical `mtp.layers.k.{enorm,hnorm,eh_proj}.weight`,
+`mtp.layers.k.transformer_layer.<layer tensor>` and `mtp.layers.k.final_layernorm.weight` are
+HF `mtp.layers.k.{enorm,hnorm,eh_proj}.weight`, `mtp.layers.k.<the layer's HF names above>` and
+`mtp.layers.k.shared_head.norm.weight` (DeepSeek-V3's names for its MTP module, under
+`mtp.layers.k.` instead of `model.layers.{L+k}.`); the embedding and output layer are shared.
+
 Megatron's fused QKV is interleaved per KV group: for each of the `ng` groups, that group's
 `nq/ng` query heads, then its key head, then its value head (rows of `head_dim` each).
 """
@@ -42,6 +49,12 @@ TE_NORMS = {
 }
 """Transformer Engine's names of the norms it fuses into the next linear -> canonical names."""
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_MTP_RE = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+MTP_LAYER = "transformer_layer."
+"""What follows `mtp.layers.k.` in the names of an MTP depth's transformer layer."""
+_MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+            "eh_proj.weight": "eh_proj.weight", "final_layernorm.weight": "shared_head.norm.weight"}  # fmt: skip
+"""An MTP depth's own tensors (canonical rest -> HF rest)."""
 _EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
 
 Tensors = list[tuple[str, torch.Tensor]]
@@ -58,6 +71,25 @@ def canonical_layer_name(i: int, rest: str) -> str:
     return f"decoder.layers.{i}.{TE_NORMS.get(rest, rest)}"
 
 
+def split_mtp(name: str) -> tuple[int | None, str]:
+    """(MTP depth, rest) of a canonical `mtp.layers.k.<rest>` name; (None, name) otherwise."""
+    m = _MTP_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def canonical_mtp_name(k: int, rest: str) -> str:
+    """`mtp.layers.{k}.{rest}`, with Transformer Engine norm names of its layer made canonical."""
+    if rest.startswith(MTP_LAYER):
+        layer = rest[len(MTP_LAYER) :]
+        rest = MTP_LAYER + TE_NORMS.get(layer, layer)
+    return f"mtp.layers.{k}.{rest}"
+
+
+def is_mtp(name: str) -> bool:
+    """Canonical (or HF) tensor `name` belongs to an MTP depth."""
+    return name.startswith("mtp.")
+
+
 def is_moe_layer(model: ModelConfig, i: int) -> bool:
     """Layer `i` is MoE (the rule of `kat_megatron.models.builder.moe_layer_freq`)."""
     return model.is_moe and i >= model.moe_first_k_dense and i % model.moe_layer_freq == 0
@@ -70,36 +102,54 @@ def _mlp_shapes(prefix: str, h: int, f: int, glu: bool) -> dict[str, tuple[int, 
     }
 
 
-def canonical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor of `model` with its full shape, in layer order."""
+def _layer_shapes(model: ModelConfig, p: str, moe: bool) -> dict[str, tuple[int, ...]]:
+    """The canonical tensors of one transformer layer, names prefixed with `p`."""
     h, d = model.hidden_size, model.head_dim
     nq, ng, glu = model.num_attention_heads, model.num_query_groups, model.activation == "swiglu"
     qkv = (nq + 2 * ng) * d
+    out: dict[str, tuple[int, ...]] = {p + "input_layernorm.weight": (h,)}
+    out[p + "self_attention.linear_qkv.weight"] = (qkv, h)
+    if model.add_qkv_bias:
+        out[p + "self_attention.linear_qkv.bias"] = (qkv,)
+    if model.qk_layernorm:
+        out[p + "self_attention.q_layernorm.weight"] = (d,)
+        out[p + "self_attention.k_layernorm.weight"] = (d,)
+    out[p + "self_attention.linear_proj.weight"] = (h, nq * d)
+    out[p + "pre_mlp_layernorm.weight"] = (h,)
+    if not moe:
+        out.update(_mlp_shapes(p + "mlp.", h, model.ffn_hidden_size, glu))
+        return out
+    out[p + "mlp.router.weight"] = (model.num_moe_experts, h)
+    fe = model.moe_ffn_hidden_size or model.ffn_hidden_size
+    for e in range(model.num_moe_experts):
+        out.update(_mlp_shapes(f"{p}mlp.experts.local_experts.{e}.", h, fe, glu))
+    if model.moe_shared_expert_intermediate_size:
+        fs = model.moe_shared_expert_intermediate_size
+        out.update(_mlp_shapes(p + "mlp.shared_experts.", h, fs, glu))
+    return out
+
+
+def mtp_is_moe(model: ModelConfig) -> bool:
+    """The MTP depths' layers are MoE (they copy the decoder's last layer; models/specs.py)."""
+    return is_moe_layer(model, model.num_layers - 1)
+
+
+def canonical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor of `model` with its full shape: the decoder in layer order, then
+    the MTP depths in depth order."""
+    h = model.hidden_size
     out: dict[str, tuple[int, ...]] = {EMBEDDING: (model.vocab_size, h)}
     for i in range(model.num_layers):
-        p = f"decoder.layers.{i}."
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "self_attention.linear_qkv.weight"] = (qkv, h)
-        if model.add_qkv_bias:
-            out[p + "self_attention.linear_qkv.bias"] = (qkv,)
-        if model.qk_layernorm:
-            out[p + "self_attention.q_layernorm.weight"] = (d,)
-            out[p + "self_attention.k_layernorm.weight"] = (d,)
-        out[p + "self_attention.linear_proj.weight"] = (h, nq * d)
-        out[p + "pre_mlp_layernorm.weight"] = (h,)
-        if not is_moe_layer(model, i):
-            out.update(_mlp_shapes(p + "mlp.", h, model.ffn_hidden_size, glu))
-            continue
-        out[p + "mlp.router.weight"] = (model.num_moe_experts, h)
-        fe = model.moe_ffn_hidden_size or model.ffn_hidden_size
-        for e in range(model.num_moe_experts):
-            out.update(_mlp_shapes(f"{p}mlp.experts.local_experts.{e}.", h, fe, glu))
-        if model.moe_shared_expert_intermediate_size:
-            fs = model.moe_shared_expert_intermediate_size
-            out.update(_mlp_shapes(p + "mlp.shared_experts.", h, fs, glu))
+        out.update(_layer_shapes(model, f"decoder.layers.{i}.", is_moe_layer(model, i)))
     out[FINAL_NORM] = (h,)
     if model.untie_embeddings_and_output_weights:
         out[OUTPUT] = (model.vocab_size, h)
+    for k in range(model.mtp_num_layers or 0):
+        p = f"mtp.layers.{k}."
+        out.update({p + "enorm.weight": (h,), p + "hnorm.weight": (h,)})
+        out[p + "eh_proj.weight"] = (h, 2 * h)
+        out.update(_layer_shapes(model, p + MTP_LAYER, mtp_is_moe(model)))
+        out[p + "final_layernorm.weight"] = (h,)
     return out
 
 
@@ -161,6 +211,14 @@ def hf_keys(name: str, model: ModelConfig, spec: HFSpec) -> list[str]:
         return [top[name]]
     if name == OUTPUT:
         return ["lm_head.weight"]
+    k, rest = split_mtp(name)
+    if k is not None:
+        if rest in _MTP_OWN:
+            return [f"mtp.layers.{k}.{_MTP_OWN[rest]}"]
+        if rest.startswith(MTP_LAYER):
+            layer = _layer_keys(rest[len(MTP_LAYER) :], model, spec)
+            return [f"mtp.layers.{k}.{key}" for key in layer]
+        raise ValueError(f"{spec.arch} export has no counterpart for MTP tensor {name!r}")
     i, rest = split_layer(name)
     if i is None:
         raise ValueError(f"{spec.arch} has no counterpart for Megatron tensor {name!r}")

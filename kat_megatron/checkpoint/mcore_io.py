@@ -5,7 +5,8 @@ layers stacked when all layers are alike: canonical `decoder.layers.7.self_atten
 is index 7 of checkpoint tensor `decoder.layers.self_attention.linear_qkv.weight` [L, ...], and
 routed expert `decoder.layers.7.mlp.experts.local_experts.3.linear_fc1.weight` is index [7, 3] of
 `decoder.layers.mlp.experts.experts.linear_fc1.weight` [L, E, ...]; with dense and MoE layers
-mixed, keys are per layer (`decoder.layers.7.mlp.experts.experts.linear_fc1.weight` [E, ...]). A read asks
+mixed, keys are per layer (`decoder.layers.7.mlp.experts.experts.linear_fc1.weight` [E, ...]).
+MTP depths are stored per depth (`mtp.layers.0.transformer_layer...`, experts [E, ...]). A read asks
 torch.distributed.checkpoint for just that region, so only the stored chunks that overlap it
 are loaded: peak memory is one layer's tensor, not the model. Transformer Engine names of the
 fused norms (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`) are read as aliases.
@@ -24,7 +25,14 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from kat_megatron.checkpoint.mapping import TE_NORMS, VOCAB_TENSORS, canonical_shapes, split_layer
+from kat_megatron.checkpoint.mapping import (
+    MTP_LAYER,
+    TE_NORMS,
+    VOCAB_TENSORS,
+    canonical_shapes,
+    split_layer,
+    split_mtp,
+)
 from kat_megatron.config.schema import ModelConfig
 from kat_megatron.training.checkpoint_meta import read_meta, resolve_checkpoint
 
@@ -101,6 +109,9 @@ class McoreReader:
         """(checkpoint key, leading index) pairs that may hold `name`: stacked layers (all
         layers alike) or per-layer keys (Megatron-Core's non-homogeneous layers, e.g. MoE with
         dense first layers), each also under its Transformer Engine alias."""
+        k, rest = split_mtp(name)
+        if k is not None:
+            return self._mtp_candidates(k, rest)
         i, rest = split_layer(name)
         if i is None:
             return [(name, ())]
@@ -116,6 +127,19 @@ class McoreReader:
             if r is not None:
                 out += [(f"decoder.layers.{r}", (i,)), (f"decoder.layers.{i}.{r}", ())]
         return out
+
+    @staticmethod
+    def _mtp_candidates(k: int, rest: str) -> list[tuple[str, tuple[int, ...]]]:
+        """MTP depth k's layer is stored per depth (never stacked): `mtp.layers.k.<rest>`, its
+        routed experts stacked as `mtp.layers.k.transformer_layer.mlp.experts.experts.<w>`."""
+        p = f"mtp.layers.{k}."
+        if not rest.startswith(MTP_LAYER):
+            return [(p + rest, ())]
+        layer = rest[len(MTP_LAYER) :]
+        m = _EXPERT_RE.match(layer)
+        if m:
+            return [(f"{p}{MTP_LAYER}mlp.experts.experts.{m.group(2)}", (int(m.group(1)),))]
+        return [(p + MTP_LAYER + r, ()) for r in (layer, _TE_ALIASES.get(layer)) if r is not None]
 
     def _locate(self, name: str) -> tuple[str, tuple[int, ...], TensorStorageMetadata]:
         """(checkpoint key, leading index into it, its metadata) of canonical tensor `name`."""

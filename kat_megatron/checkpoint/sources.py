@@ -17,7 +17,8 @@ import torch
 
 from kat_megatron.checkpoint.hf_config import HFSpec, model_config_from_hf
 from kat_megatron.checkpoint.hf_io import HFReader
-from kat_megatron.checkpoint.mapping import from_hf, hf_shapes
+from kat_megatron.checkpoint.hf_mtp import MTP_DIR
+from kat_megatron.checkpoint.mapping import from_hf, hf_shapes, is_mtp
 from kat_megatron.checkpoint.mcore_io import McoreReader
 from kat_megatron.config.schema import ModelConfig
 
@@ -48,6 +49,8 @@ class HFSource:
         )
         """The folder itself when it holds a tokenizer (recorded as the checkpoint's)."""
         self.reader = HFReader(hf_dir)
+        self.mtp_reader = HFReader(self.dir / MTP_DIR) if self.model.mtp_num_layers else None
+        """The MTP heads' tensors (`mtp/`, see checkpoint/hf_mtp.py), when the folder has them."""
         self.expected = hf_shapes(self.model, self.spec)
 
     @property
@@ -64,8 +67,11 @@ class HFSource:
             return f"{prefix}.down_proj", e, None
         return f"{prefix}.gate_up_proj", e, 0 if which == "gate" else 1
 
+    def _reader(self, key: str) -> HFReader:
+        return self.mtp_reader if is_mtp(key) and self.mtp_reader is not None else self.reader
+
     def _has(self, key: str) -> bool:
-        if key in self.reader:
+        if key in self._reader(key):
             return True
         fused = self._fused(key)
         return fused is not None and fused[0] in self.reader
@@ -80,7 +86,8 @@ class HFSource:
             )
         tied = not self.model.untie_embeddings_and_output_weights
         extra = []
-        for key in self.reader.keys():
+        keys = self.reader.keys() + (self.mtp_reader.keys() if self.mtp_reader else [])
+        for key in keys:
             if key in self.expected or _FUSED.match(key) or _IGNORED.search(key):
                 continue
             if key == "lm_head.weight" and tied:
@@ -92,16 +99,17 @@ class HFSource:
                 f"{self.dir}: {len(extra)} tensor(s) have no Megatron counterpart, e.g. {extra[:3]}"
             )
         for key, shape in self.expected.items():
-            if key in self.reader and self.reader.shape(key) != shape:
+            reader = self._reader(key)
+            if key in reader and reader.shape(key) != shape:
                 raise ValueError(
-                    f"{key}: shape {list(self.reader.shape(key))} in {self.dir}, "
+                    f"{key}: shape {list(reader.shape(key))} in {reader.dir}, "
                     f"but config.json implies {list(shape)}"
                 )
 
     def read(self, key: str) -> torch.Tensor:
         """HF tensor `key` (per-expert keys also from fused `gate_up_proj`/`down_proj`)."""
-        if key in self.reader:
-            t = self.reader.get(key)
+        if key in self._reader(key):
+            t = self._reader(key).get(key)
         else:
             fused = self._fused(key)
             if fused is None or fused[0] not in self.reader:

@@ -37,7 +37,12 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
-from kat_megatron.checkpoint.mapping import VOCAB_TENSORS, canonical_layer_name
+from kat_megatron.checkpoint.mapping import (
+    VOCAB_TENSORS,
+    canonical_layer_name,
+    canonical_mtp_name,
+    split_mtp,
+)
 from kat_megatron.checkpoint.sources import TensorSource
 from kat_megatron.config.schema import ModelConfig, ParallelConfig
 from kat_megatron.models.builder import build_model, padded_vocab_size, transformer_config
@@ -48,10 +53,17 @@ from kat_megatron.training.checkpoint_meta import checkpoint_dir, write_meta
 _STACKED_EXPERT = "decoder.layers.mlp.experts.experts."
 _LAYER_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.experts\.(.+)$")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_MTP_EXPERT = "transformer_layer.mlp.experts.experts."
 
 
 def canonical_of(key: str, offsets: tuple[int, ...]) -> tuple[str, int]:
     """(canonical name, number of leading index dims) of a chunk of checkpoint tensor `key`."""
+    k, rest = split_mtp(key)
+    if k is not None:  # MTP depths: per depth, routed experts stacked [E, ...]
+        if rest.startswith(_MTP_EXPERT):
+            w = rest[len(_MTP_EXPERT) :]
+            return f"mtp.layers.{k}.transformer_layer.mlp.experts.local_experts.{offsets[0]}.{w}", 1
+        return canonical_mtp_name(k, rest), 0
     if key.startswith(_STACKED_EXPERT):
         i, e = offsets[0], offsets[1]
         return f"decoder.layers.{i}.mlp.experts.local_experts.{e}.{key[len(_STACKED_EXPERT) :]}", 2

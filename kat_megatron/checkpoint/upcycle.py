@@ -57,6 +57,12 @@ def upcycled_model(dense: ModelConfig, spec: UpcycleSpec) -> ModelConfig:
     """The MoE ModelConfig for `dense` up-cycled as `spec` (ValueError if it cannot be)."""
     if dense.is_moe:
         raise ValueError("upcycle-moe needs a dense checkpoint; this one is already MoE")
+    if dense.mtp_num_layers:
+        raise ValueError(
+            f"upcycle-moe: the checkpoint has model.mtp_num_layers={dense.mtp_num_layers} MTP "
+            "depths, which up-cycling does not convert; up-cycle the trunk (train or convert it "
+            "with model.mtp_num_layers=null) and add MTP depths after"
+        )
     g, f = spec.granularity, dense.ffn_hidden_size
     if g < 1 or f % g or spec.experts % g:
         raise ValueError(

@@ -5,6 +5,11 @@ requested layout, every rank re-initialises Megatron's groups, builds our model 
 checkpoint with `training.checkpointing.load_checkpoint` (resharding as training does) and runs a
 forward pass (`models.forward.forward_logits`). Rank 0 compares the full-vocabulary logits over
 every position: max and mean absolute difference and top-1 (argmax) agreement.
+
+MTP heads: when the checkpoint has `model.mtp_num_layers = D` and the HF folder its `mtp/`
+heads, every depth is compared too (row key `mtp`: one comparison per depth), against
+`hf_mtp.mtp_reference_logits` (transformers' own decoder layer, norms and head on the exported
+MTP weights).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from kat_megatron.checkpoint.hf_mtp import mtp_reference_logits, read_mtp_config
 from kat_megatron.checkpoint.mapping import EMBEDDING
 from kat_megatron.checkpoint.mcore_io import McoreReader
 from kat_megatron.config.schema import ParallelConfig
@@ -92,15 +98,18 @@ def check_vocab_padding(reader: McoreReader, tp: int) -> None:
         )
 
 
-def ours_logits(mcore: str | Path, layout: Layout, batches: list[torch.Tensor]) -> list | None:
-    """Our fp32 logits [b, s, vocab] for each batch at `layout`, on rank 0 (None elsewhere)."""
+def ours_logits(
+    mcore: str | Path, layout: Layout, batches: list[torch.Tensor], heads: bool = False
+) -> list | None:
+    """Our fp32 logits [b, s, vocab] (`heads`: [1 + D, b, s, vocab], every head) for each batch
+    at `layout`, on rank 0 (None elsewhere)."""
     reader = McoreReader(mcore)
     check_vocab_padding(reader, layout.tp)
     initialize(layout.parallel(), seed=0, model=reader.model)
     chunks = load_frozen_model(reader.path, reader.model, layout.parallel(), "fp32")
     out = []
     for tokens in batches:
-        logits = forward_logits(chunks, tokens)
+        logits = forward_logits(chunks, tokens, heads=heads)
         mine = None
         if (
             logits is not None
@@ -135,10 +144,23 @@ def run_verify(
     hf_dir: str | Path, mcore: str | Path, layouts: list[Layout], batches: list[torch.Tensor]
 ) -> list[dict]:
     """Every rank: compare at each layout. Rank 0 returns one result dict per layout."""
-    ref = hf_logits(hf_dir, batches) if dist.get_rank() == 0 else None
+    depth = McoreReader(mcore).model.mtp_num_layers or 0
+    heads = bool(depth) and read_mtp_config(hf_dir) is not None
+    rank0 = dist.get_rank() == 0
+    ref = hf_logits(hf_dir, batches) if rank0 else None
+    ref_mtp = mtp_reference_logits(hf_dir, batches) if rank0 and heads else None
     results = []
     for layout in layouts:
-        ours = ours_logits(mcore, layout, batches)
-        if ours is not None:
+        ours = ours_logits(mcore, layout, batches, heads=heads)
+        if ours is None:
+            continue
+        if not heads:
             results.append({"layout": layout.name, **compare(ref, ours)})
+            continue
+        row = {"layout": layout.name, **compare(ref, [x[0] for x in ours])}
+        row["mtp"] = [
+            {"depth": k, **compare([r[k] for r in ref_mtp], [x[1 + k] for x in ours])}
+            for k in range(depth)
+        ]
+        results.append(row)
     return results

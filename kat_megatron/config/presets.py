@@ -32,10 +32,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=131072,
     ),
     # MoE design (docs/scaling.md): 200.65B total, 39.99B active per token (formula in
-    # kat_megatron/models/params.py). Every layer is MoE: 64 fine-grained experts (EP 1..64),
-    # top-8, no shared expert, so the shapes map onto HF Qwen3MoeForCausalLM (which has qk-norm
-    # and no QKV bias: a known mapping issue, see docs/scaling.md). ffn_hidden_size is unused
-    # while moe_first_k_dense=0; it is the routed width 8 x 1216 for dense layers if enabled.
+    # kat_megatron/models/params.py). Stock Qwen3-MoE structure, so that it exports to HF
+    # Qwen3MoeForCausalLM exactly (and serves in vLLM): every layer MoE, 64 fine-grained experts
+    # (EP 1..64), top-8 renormalised, no shared expert, qk-norm and no QKV bias. ffn_hidden_size
+    # is unused while moe_first_k_dense=0 (the routed width 8 x 1216 for dense layers if enabled).
     "kat-200b-a40b": dict(
         _QWEN2,
         num_layers=96,
@@ -52,6 +52,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_first_k_dense=0,
         moe_aux_loss_coeff=1e-3,
         moe_router_load_balancing_type="aux_loss",
+        add_qkv_bias=False,
+        qk_layernorm=True,
     ),
     # tiny-*: 32-wide heads (2 heads, 2 KV groups: TP=2 splits both), the narrowest vLLM's CPU
     # attention kernels accept, so an export of a tiny model serves in vLLM too.
@@ -73,6 +75,24 @@ PRESETS["tiny-moe"] = dict(
     moe_ffn_hidden_size=64,
     moe_shared_expert_intermediate_size=64,
     moe_first_k_dense=0,
+)
+
+# kat-200b-a40b's structure at test size (every structural field inherited, only the sizes
+# differ): what its Qwen3-MoE export is tested on (tests/checkpoint/test_convert.py). 4 heads
+# of 32 in 2 KV groups (GQA, q width 128 != hidden 64), 8 experts top-2 (EP=2: 4 per rank).
+PRESETS["tiny-qwen3-moe"] = dict(
+    PRESETS["kat-200b-a40b"],
+    num_layers=3,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=32,
+    ffn_hidden_size=64,
+    vocab_size=512,
+    max_position_embeddings=4096,
+    num_moe_experts=8,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=32,
 )
 
 

@@ -89,6 +89,8 @@ def hf_state_dict(model, model_config: ModelConfig | None) -> dict[str, torch.Te
     gated = model_config.activation == "swiglu"
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
+        if name.startswith("mtp."):
+            continue  # MTP heads: training-only, the rollout engine serves the main head
         full = _full_tensor(name, param, gated)
         name = canonical_name(name)
         if name in VOCAB_TENSORS:

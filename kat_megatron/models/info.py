@@ -38,7 +38,8 @@ def shape_lines(model: ModelConfig) -> list[str]:
     lines = [
         f"layers {model.num_layers}, hidden {model.hidden_size}, "
         f"heads {model.num_attention_heads} (KV groups {model.num_query_groups}, "
-        f"head dim {model.head_dim}), QKV bias {'on' if model.add_qkv_bias else 'off'}",
+        f"head dim {model.head_dim}), QKV bias {'on' if model.add_qkv_bias else 'off'}, "
+        f"qk-norm {'on' if model.qk_layernorm else 'off'}",
         f"vocab {model.vocab_size:,}, embeddings "
         f"{'untied' if model.untie_embeddings_and_output_weights else 'tied'}, "
         f"{model.normalization}, {model.activation}, max positions {model.max_position_embeddings:,}",

@@ -98,8 +98,9 @@ def _write_rows(spec: DumpSpec, chunk, train, rows: range, writer, vocab_size: i
     from tqdm import tqdm
 
     from kat_megatron.losses.vocab_parallel import vocab_parallel_topk
+    from kat_megatron.models.forward import model_heads
     from kat_megatron.training.batches import collate
-    from kat_megatron.training.kd_teacher import model_heads, to_device, tp_group
+    from kat_megatron.training.kd_teacher import to_device, tp_group
 
     starts = range(rows.start, rows.stop, spec.micro_batch_size)
     quiet = dist.get_rank() != 0

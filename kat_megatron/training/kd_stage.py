@@ -2,7 +2,7 @@
 
 The student is a Megatron-Core `GPTModel` with `model.mtp_num_layers = D` MTP depths (0: main
 head only). Each micro-batch runs the student to its hidden states and applies its output layer
-to the main head and to every MTP depth (`kd_teacher.model_heads`); the logits stay sharded
+to the main head and to every MTP depth (`models.forward.model_heads`); the logits stay sharded
 over the vocabulary and `losses.kd.mtp_kd_loss` takes the TP group. The teacher is either
 online (a frozen model run in the same forward step, `kd_teacher.OnlineTeacher`; no pipeline
 parallelism) or offline (top-K log-probs written by `kat kd dump-teacher`, read for the same
@@ -32,14 +32,9 @@ import torch
 
 from kat_megatron.config.schema import KatConfig, KDSection, ModelConfig
 from kat_megatron.losses.kd import KDConfig, documents_from_eod, mtp_kd_loss
+from kat_megatron.models.forward import model_heads
 from kat_megatron.training.datasets import pretrain_datasets
-from kat_megatron.training.kd_teacher import (
-    OfflineTeacher,
-    OnlineTeacher,
-    model_heads,
-    to_device,
-    tp_group,
-)
+from kat_megatron.training.kd_teacher import OfflineTeacher, OnlineTeacher, to_device, tp_group
 
 log = logging.getLogger("kat")
 

@@ -1,8 +1,6 @@
 """Student heads and teachers of `kat train` stage kd (`kat train examples/tiny_kd/config.yaml`).
 
-- `model_heads(model, batch)`: a Megatron-Core `GPTModel` run to the hidden states its output
-  layer sees, then that output layer on the main head and on every MTP depth: one `[s, b, V/tp]`
-  logits tensor per head, still sharded over the vocabulary (nothing is gathered).
+- `model_heads(model, batch)` (from `models/forward.py`): the student's logits per head.
 - `OnlineTeacher`: a frozen `GPTModel` (any preset, its own kat checkpoint, the student's TP
   layout) run under `torch.no_grad()` in the student's forward step.
 - `OfflineTeacher`: the top-K dump of `kat kd dump-teacher` (`data/teacher_topk.py`), read for
@@ -13,17 +11,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from kat_megatron.config.schema import (
     KatConfig,
@@ -34,45 +29,11 @@ from kat_megatron.config.schema import (
 from kat_megatron.data.teacher_topk import TeacherTopKMismatch, TeacherTopKReader
 from kat_megatron.losses.kd import TeacherLogits, TeacherTopK
 from kat_megatron.models.builder import padded_vocab_size
+from kat_megatron.models.forward import model_heads
 from kat_megatron.training.checkpoint_meta import read_meta, resolve_checkpoint
 from kat_megatron.training.checkpointing import load_frozen_model
 
 log = logging.getLogger("kat")
-
-
-@contextlib.contextmanager
-def _hidden_states_out(gpt) -> Iterator[None]:
-    """Let one `GPTModel.forward` return the hidden states its output layer would get.
-
-    Megatron-Core 0.16.1's `GPTModel._postprocess` runs the MTP block (the main and every
-    depth's hidden states concatenated on dim 0), then returns them when `post_process` is
-    False; with it set, MTP logits only ever become an internal cross-entropy. Clearing the
-    flag for the call keeps the whole forward as Megatron-Core runs it up to the output layer
-    (tests/training/test_kd_stage.py checks the heads against Megatron-Core's own MTP loss).
-    """
-    saved = gpt.post_process
-    gpt.post_process = False
-    try:
-        yield
-    finally:
-        gpt.post_process = saved
-
-
-def model_heads(model, batch: dict, max_heads: int | None = None):
-    """`(output, logits)`: `output` is the tensor the pipeline schedule passes on; `logits` the
-    `[s, b, V/tp]` logits of heads d = 0..D (main head, MTP depths) on the last pipeline stage
-    (at most `max_heads`), None on the other stages."""
-    gpt = unwrap_model(model)
-    with _hidden_states_out(gpt):
-        hidden = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-    if not gpt.post_process:
-        return hidden, None
-    depth = gpt.config.mtp_num_layers or 0
-    chunks = torch.chunk(hidden, 1 + depth, dim=0)[:max_heads]
-    weight = None
-    if gpt.share_embeddings_and_output_weights:
-        weight = gpt.shared_embedding_or_output_weight()
-    return hidden, [gpt.output_layer(h, weight=weight)[0] for h in chunks]
 
 
 def to_device(batch: dict) -> dict:

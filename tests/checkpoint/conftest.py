@@ -67,10 +67,47 @@ def save_qwen3_moe(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def save_preset_export(path: Path, preset: str, seed: int = 0, mtp: int = 0) -> Path:
+    """A random Hugging Face folder of exactly preset `preset`'s structure, as our export writes
+    it: config.json from `hf_config_for`, weights through transformers, and with `mtp` depths
+    random MTP heads in `mtp/` (the documented form, checkpoint/hf_mtp.py)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from kat_megatron.checkpoint.hf_config import hf_config_for, hf_spec_for
+    from kat_megatron.checkpoint.hf_mtp import MTP_DIR, mtp_config
+    from kat_megatron.checkpoint.mapping import hf_shapes, is_mtp, mtp_is_moe
+    from kat_megatron.config.presets import get_preset
+    from kat_megatron.config.schema import ModelConfig
+
+    model = ModelConfig(**dict(get_preset(preset), mtp_num_layers=mtp or None))
+    spec = hf_spec_for(model)
+    hf = AutoModelForCausalLM.from_config(hf_config_for(model, spec, torch.float32))
+    _randomize(hf, seed)
+    hf.save_pretrained(path)
+    if mtp:
+        g = torch.Generator().manual_seed(seed + 1)
+        shapes = {k: s for k, s in hf_shapes(model, spec).items() if is_mtp(k)}
+        tensors = {
+            k: (1.0 + 0.5 * torch.randn(s, generator=g))
+            if len(s) == 1
+            else 0.05 * torch.randn(s, generator=g)
+            for k, s in shapes.items()
+        }
+        (path / MTP_DIR).mkdir()
+        save_file(tensors, str(path / MTP_DIR / "model.safetensors"), metadata={"format": "pt"})
+        cfg = mtp_config(model, spec.arch, mtp_is_moe(model))
+        (path / MTP_DIR / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     """dense_a: untied, GQA, padded vocab; dense_b: tied, head_dim 32 != hidden/heads;
-    moe: Qwen3-MoE with qk-norm and a dense first layer."""
+    moe: Qwen3-MoE with qk-norm and a dense first layer; kat_moe: kat-200b-a40b's structure
+    (preset tiny-qwen3-moe) with one MTP depth."""
     root = tmp_path_factory.mktemp("hf")
     return {
         "dense_a": save_qwen2(root / "dense_a", seed=1),
@@ -84,6 +121,7 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
             tie_word_embeddings=True,
         ),
         "moe": save_qwen3_moe(root / "moe", seed=3),
+        "kat_moe": save_preset_export(root / "kat_moe", "tiny-qwen3-moe", seed=4, mtp=1),
     }
 
 

@@ -16,6 +16,7 @@ where the dense MLP does one matmul (measured: <= 8.3e-7).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import torch
 
 from kat_megatron.checkpoint.exporter import export_to_hf
 from kat_megatron.checkpoint.hf_io import HFReader
+from kat_megatron.checkpoint.hf_mtp import MTP_DIR, read_mtp_config
 from kat_megatron.checkpoint.mcore_io import McoreReader
 from kat_megatron.checkpoint.upscale import upscale_depth
 from kat_megatron.cli import main
@@ -47,6 +49,7 @@ def converted(hf_models, tmp_path_factory, run_ranks):
     upscale_depth(hf["dense_a"], hf["upscaled"], layers=6, scheme="stack")
     ck = {k: root / k for k in ("a_tp2", "a_pp2", "b_pp2", "m_ep2", "a_r1", "a_r2", "u1", "u2")}
     ck.update({k: root / k for k in ("s_tp2", "stream_a_tp2", "stream_m_ep2", "m_tp2")})
+    ck.update({k: root / k for k in ("k_ep2", "k_tp2", "stream_k_tp2")})
 
     def imp(kind, path, out, layout, stream=False, **spec):
         src = {"kind": kind, "path": str(path), **({"spec": spec} if spec else {})}
@@ -70,10 +73,16 @@ def converted(hf_models, tmp_path_factory, run_ranks):
         imp("hf", hf["upscaled"], "s_tp2", "tp2"),
         imp("hf", hf["dense_a"], "stream_a_tp2", "tp2", stream=True),
         imp("hf", hf["moe"], "stream_m_ep2", "ep2", stream=True),
+        # kat-200b-a40b's structure (tiny-qwen3-moe) with an MTP depth, at EP=2 and TP=2
+        imp("hf", hf["kat_moe"], "k_ep2", "ep2"),
+        imp("hf", hf["kat_moe"], "k_tp2", "tp2"),
+        imp("hf", hf["kat_moe"], "stream_k_tp2", "tp2", stream=True),
         ver("dense_a", "dense_a", "a_tp2", "tp1", "tp2", "pp2"),
         ver("dense_b", "dense_b", "b_pp2", "tp2", "pp2"),
         ver("moe", "moe", "m_ep2", "ep2", "tp1"),
         ver("moe_tp2", "moe", "m_tp2", "tp2"),
+        ver("kat_moe", "kat_moe", "k_ep2", "ep2", "tp1"),
+        ver("kat_moe_tp2", "kat_moe", "k_tp2", "tp2"),
         ver("upcycle_g1", "dense_a", "u1", "ep2"),
         ver("upcycle_g2_shared", "dense_a", "u2", "tp2"),
         ver("upscaled", "upscaled", "s_tp2", "tp2"),
@@ -87,12 +96,18 @@ def converted(hf_models, tmp_path_factory, run_ranks):
 
 
 def assert_same_tensors(a_dir, b_dir) -> int:
+    """Every tensor of HF folders a and b equal (their `mtp/` heads too); returns the count."""
+    a_mtp, b_mtp = (Path(d) / MTP_DIR for d in (a_dir, b_dir))
+    assert a_mtp.is_dir() == b_mtp.is_dir()
+    extra = assert_same_tensors(a_mtp, b_mtp) if a_mtp.is_dir() else 0
+    if extra:
+        assert read_mtp_config(a_dir) == read_mtp_config(b_dir)
     a, b = HFReader(a_dir), HFReader(b_dir)
     assert sorted(a.keys()) == sorted(b.keys())
     for key in a.keys():
         x, y = a.get(key), b.get(key)
         assert x.dtype == y.dtype and torch.equal(x, y), key
-    return len(a.keys())
+    return len(a.keys()) + extra
 
 
 @pytest.mark.parametrize(
@@ -103,10 +118,13 @@ def assert_same_tensors(a_dir, b_dir) -> int:
         ("b_pp2", "dense_b"),
         ("m_ep2", "moe"),
         ("m_tp2", "moe"),
+        ("k_ep2", "kat_moe"),
+        ("k_tp2", "kat_moe"),
     ],  # fmt: skip
 )
 def test_round_trip_is_bit_exact(converted, tmp_path, ckpt, ref):
-    """HF -> Megatron (TP=2 / PP=2 tied / EP=2 MoE) -> HF returns every tensor unchanged."""
+    """HF -> Megatron (TP=2 / PP=2 tied / EP=2 MoE / the 200B structure with MTP heads at EP=2
+    and TP=2) -> HF returns every tensor unchanged, MTP heads included."""
     out = export_to_hf(converted["ckpt"][ckpt], tmp_path / "hf")
     n = assert_same_tensors(converted["hf"][ref], out)
     src = json.loads((converted["hf"][ref] / "config.json").read_text())
@@ -122,14 +140,51 @@ def test_round_trip_is_bit_exact(converted, tmp_path, ckpt, ref):
     "name,layout",
     [("dense_a", "tp1pp1"), ("dense_a", "tp2pp1"), ("dense_a", "tp1pp2"),
      ("dense_b", "tp2pp1"), ("dense_b", "tp1pp2"), ("moe", "tp1pp1ep2"), ("moe", "tp1pp1"),
-     ("moe_tp2", "tp2pp1"),
+     ("moe_tp2", "tp2pp1"), ("kat_moe", "tp1pp1ep2"), ("kat_moe", "tp1pp1"),
+     ("kat_moe_tp2", "tp2pp1"),
      ("upscaled", "tp2pp1"), ("stream_dense_a", "tp2pp1"), ("stream_dense_a", "tp1pp2")],
 )  # fmt: skip
 def test_logits_match_transformers(converted, name, layout):
+    """Main head vs transformers; MTP depths (kat_moe) vs `hf_mtp.mtp_reference_logits`."""
     row = next(r for r in converted["results"][name] if r["layout"] == layout)
     print(name, row)
     assert row["max_abs_logit_diff"] <= LOGIT_TOL
     assert row["top1_agreement"] == 1.0
+    if name.startswith("kat_moe"):
+        (head,) = row["mtp"]
+        assert head["max_abs_logit_diff"] <= LOGIT_TOL and head["top1_agreement"] == 1.0
+
+
+def test_the_200b_structure_imports_as_the_preset(converted, tmp_path):
+    """The Qwen3-MoE folder of tiny-qwen3-moe's structure imports as exactly that preset (with
+    its MTP depth), and its export is a complete transformers folder: no missing or unexpected
+    weights, and the AutoThink chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kat_megatron.config.presets import get_preset
+    from kat_megatron.config.schema import ModelConfig
+
+    got = McoreReader(converted["ckpt"]["k_ep2"]).model
+    want = ModelConfig(**dict(get_preset("tiny-qwen3-moe"), mtp_num_layers=1))
+    skip = {"preset", "init_method_std", "moe_aux_loss_coeff", "moe_router_load_balancing_type"}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in skip:
+            assert getattr(got, f.name) == getattr(want, f.name), f.name
+    out = export_to_hf(converted["ckpt"]["k_ep2"], tmp_path / "hf")
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert model.config.architectures == ["Qwen3MoeForCausalLM"]
+    assert not any(info.values()), info  # missing / unexpected / mismatched keys
+    tok = AutoTokenizer.from_pretrained(str(out))
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n<judge>\n"), text
+    # and back: `kat convert hf-to-mcore` of the export is the checkpoint, MTP depth included
+    back = tmp_path / "back"
+    assert main(["convert", "hf-to-mcore", "--hf", str(out), "--out", str(back)]) == 0
+    a, b = McoreReader(converted["ckpt"]["k_ep2"]), McoreReader(back)
+    assert a.names() == b.names() and any(n.startswith("mtp.") for n in a.names())
+    for name in a.names():
+        assert torch.equal(a.get(name), b.get(name)), name
 
 
 @pytest.mark.parametrize("name", ["upcycle_g1", "upcycle_g2_shared"])
@@ -153,7 +208,10 @@ def test_reshard_tp2_tp1_tp2_is_bit_exact(converted):
     assert a.shape(emb) == r2.shape(emb) == (512, 64)  # 500 padded to a multiple of 128 * tp
 
 
-@pytest.mark.parametrize("streamed,built", [("stream_a_tp2", "a_tp2"), ("stream_m_ep2", "m_ep2")])
+@pytest.mark.parametrize(
+    "streamed,built",
+    [("stream_a_tp2", "a_tp2"), ("stream_m_ep2", "m_ep2"), ("stream_k_tp2", "k_tp2")],
+)
 def test_streamed_checkpoint_equals_the_one_built_at_the_layout(converted, streamed, built):
     """The one-process streaming writer produces the checkpoint ranks at TP2 / EP2 save."""
     from torch.distributed.checkpoint import FileSystemReader

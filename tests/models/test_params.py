@@ -42,10 +42,11 @@ def test_kat_200b_a40b_design():
     counts = count_params(m)
     assert abs(counts.total / 200e9 - 1) < 0.03
     assert abs(counts.active / 40e9 - 1) < 0.03
-    # Independent formula: every layer MoE, no shared expert, top-k of E SwiGLU experts.
+    # Independent formula: every layer MoE, no shared expert, top-k of E SwiGLU experts;
+    # Qwen3-MoE attention: no QKV bias, one RMSNorm of width d on queries and one on keys.
     L, h, nq, nkv, V = 96, 8192, 64, 8, 152064
     E, k, fe, d = 64, 8, 1216, 128
-    attn = h * (nq + 2 * nkv) * d + (nq + 2 * nkv) * d + nq * d * h + 2 * h + E * h
+    attn = h * (nq + 2 * nkv) * d + 2 * d + nq * d * h + 2 * h + E * h
     base = 2 * V * h + h + L * attn
     assert counts.total == base + L * E * 3 * h * fe
     assert counts.active == base + L * k * 3 * h * fe
@@ -55,8 +56,9 @@ def test_kat_200b_a40b_design():
     assert m.hidden_size % 8 == 0 and m.num_attention_heads % 8 == 0
     assert m.num_query_groups == 8 and m.num_layers % 8 == 0 and m.num_layers % 4 == 0
     assert m.vocab_size == 152064 and m.mtp_num_layers is None
-    # Plain Qwen3-MoE-like: no shared expert, no dense layers.
+    # Stock Qwen3-MoE: no shared expert, no dense layers, qk-norm, no QKV bias.
     assert m.moe_shared_expert_intermediate_size is None and m.moe_first_k_dense == 0
+    assert m.qk_layernorm and not m.add_qkv_bias
     assert counts.num_moe_layers == m.num_layers
 
 
@@ -73,7 +75,7 @@ def test_table_and_model_info(tmp_path):
     table = count_params(_model("tiny-moe", mtp_num_layers=1)).table()
     for word in ("moe_routed_experts", "moe_shared_expert", "mtp", "total without MTP"):
         assert word in table
-    assert "200.65B" in model_info("kat-200b-a40b")
+    assert "200.65B" in model_info("kat-200b-a40b") and "qk-norm on" in model_info("kat-200b-a40b")
     assert "40.57B" in model_info("kat-v1-40b")
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model:\n  preset: tiny-moe\n  mtp_num_layers: 1\n")
@@ -118,6 +120,8 @@ CASES = {
     ),
     "kat-v1-40b": ("kat-v1-40b", {}),
     "kat-200b-a40b": ("kat-200b-a40b", {}),
+    "kat-200b-a40b-mtp1": ("kat-200b-a40b", dict(mtp_num_layers=1)),
+    "tiny-qwen3-moe": ("tiny-qwen3-moe", {}),
 }
 
 

@@ -32,8 +32,8 @@ def heads(out: str) -> None:
     from kat_megatron.config.schema import ModelConfig, ParallelConfig
     from kat_megatron.losses.kd import KDConfig, mtp_kd_loss
     from kat_megatron.models.builder import build_model, transformer_config
+    from kat_megatron.models.forward import model_heads
     from kat_megatron.parallel.init import initialize, shutdown
-    from kat_megatron.training.kd_teacher import model_heads
 
     model_cfg = ModelConfig(preset="tiny-dense", num_layers=2, mtp_num_layers=2)
     parallel = ParallelConfig(tp=dist.get_world_size() if dist.is_initialized() else 2)
@@ -93,10 +93,10 @@ def evaluate(out: str, prefix: str, num_samples: str, *ckpts: str) -> None:
     from kat_megatron.config.schema import DataConfig, ModelConfig, ParallelConfig
     from kat_megatron.data.gpt_data import build_gpt_datasets
     from kat_megatron.models.builder import build_model
+    from kat_megatron.models.forward import model_heads
     from kat_megatron.parallel.init import initialize, shutdown
     from kat_megatron.training.batches import collate
     from kat_megatron.training.checkpointing import load_checkpoint
-    from kat_megatron.training.kd_teacher import model_heads
 
     initialize(ParallelConfig(), 1234)
     n = int(num_samples)
