@@ -6,13 +6,18 @@ Usage:
         ref_logprobs_bt=None, rollout_logprobs_bt=None, entropy_bt=None)
 
 All tensors are `[b, t]` over the generated tokens (`mask_bt` 1 on tokens that carry loss).
-Per token, with ratio rho = exp(logprobs - old_logprobs) and advantage A:
+Per token, with ratio rho = exp(clamp(logprobs - old_logprobs, -20, 20)) and advantage A:
 
     pg = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high))       (PPO, clip-higher)
     pg = min(pg, -A * dual_clip_c)  where A < 0                           (dual clip, optional)
     l  = w_is * pg + kl_coef * KL_k(logprobs, ref) - entropy_coef * H
 
-w_is = min(exp(old - rollout), is_cap), detached (truncated importance sampling between the
+The log-ratio bound (LOG_RATIO_BOUND = 20, verl's) keeps exp finite: float32 exp overflows
+above ~88.7, and an inf rho makes the unselected PPO branch's gradient 0 * inf = NaN (seen with
+`rl.ppo_epochs > 1`). Inside the bound nothing changes; outside it the clipped branch already
+decides the value, and the clamp's zero gradient matches what clipping gives.
+
+w_is = min(exp(clamp(old - rollout, -20, 20)), is_cap), detached (truncated importance sampling between the
 rollout engine's and the trainer's log-probs; `is_correction="truncated"`). The KL term is
 dropped when `kl_in_reward` (the trainer subtracts `apply_kl_in_reward` from the rewards).
 
@@ -34,6 +39,8 @@ import torch
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_CORRECTIONS = ("none", "truncated")
+LOG_RATIO_BOUND = 20.0
+"""|log rho| is clamped to this before exp (verl's bound); exp(20) = 4.9e8, far from overflow."""
 METRIC_KEYS = (
     "pg_loss", "clip_frac", "dual_clip_frac", "kl", "entropy", "is_ratio_mean", "approx_kl"
 )  # fmt: skip
@@ -157,7 +164,7 @@ def policy_loss(
     old = torch.where(valid, old_logprobs_bt.detach().float(), zero)
     adv = torch.where(valid, advantages_bt.detach().float(), zero)
 
-    log_ratio = logp - old
+    log_ratio = torch.clamp(logp - old, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -172,7 +179,7 @@ def policy_loss(
         if rollout_logprobs_bt is None:
             raise ValueError("is_correction='truncated' needs rollout_logprobs_bt")
         rollout = torch.where(valid, rollout_logprobs_bt.detach().float(), zero)
-        raw = torch.exp(old - rollout)
+        raw = torch.exp(torch.clamp(old - rollout, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
         pg = pg * torch.clamp(raw, max=cfg.is_cap)
         metrics["is_ratio_mean"] = _pair((raw * mask).sum(), n_tok)
     per_token = pg

@@ -85,10 +85,14 @@ class GroupAdvantages:
 def normalize_group(
     rewards: Sequence[float], std_normalize: bool, leave_one_out: bool, eps: float
 ) -> list[float]:
-    """(r - baseline) / (std + eps) within one group; a group of one gets 0."""
+    """(r - baseline) / (std + eps) within one group; a group of one gets 0.
+
+    Identical rewards give exact zeros: the float mean of equal values can be off by an ulp
+    ([0.1] * 3: r - mean = -1.4e-17 each), which `has_signal`'s exact test would count as a
+    signal and `/ (std + eps)` would turn into a spurious advantage."""
     r = torch.tensor(list(rewards), dtype=torch.float64)
     g = r.numel()
-    if g < 2:
+    if g < 2 or bool((r == r[0]).all()):
         return [0.0] * g
     baseline = (r.sum() - r) / (g - 1) if leave_one_out else r.mean()
     adv = r - baseline
@@ -158,7 +162,8 @@ def compute_advantages(
 
 def has_signal(adv: GroupAdvantages, tol: float = 0.0) -> bool:
     """False when every advantage of the group is 0 (within `tol`): dynamic sampling (DAPO)
-    drops such groups, e.g. all rollouts with identical rewards and no mode preference."""
+    drops such groups, e.g. all rollouts with identical rewards and no mode preference.
+    Exact by default: `normalize_group` returns exact zeros for identical rewards."""
     return any(abs(a) > tol for a in (*adv.a_judge, *adv.a_answer))
 
 

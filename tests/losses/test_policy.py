@@ -212,3 +212,30 @@ def test_approx_kl_and_validation():
         PolicyLossConfig(dual_clip_c=1.0)
     with pytest.raises(ValueError, match="mask"):
         policy_loss(lp, old, torch.ones(1, 2), torch.ones(2, 2), PolicyLossConfig())
+
+
+@pytest.mark.parametrize(
+    "log_ratio,adv", [(100.0, 1.0), (100.0, -1.0), (-100.0, 1.0), (-100.0, -1.0)]
+)
+def test_large_log_ratio_gives_finite_loss_and_gradient(log_ratio, adv):
+    """Far-off-policy tokens (rl.ppo_epochs > 1): |log rho| = 100 overflowed exp (float32 inf
+    above ~88.7) and made the gradient NaN. With the clamp at LOG_RATIO_BOUND = 20 (verl's),
+    the value is the clipped branch's (or the bound's) and every gradient is finite."""
+    from kat_megatron.losses.policy import LOG_RATIO_BOUND
+
+    old = torch.tensor([[-1.0, -1.0]])
+    lp = (old + torch.tensor([[log_ratio, 0.0]])).requires_grad_(True)
+    rollout = old - torch.tensor([[log_ratio, 0.0]])  # the IS log-ratio is as extreme
+    cfg = PolicyLossConfig(is_correction="truncated", is_cap=2.0, dual_clip_c=3.0)
+    loss, _, m = policy_loss(lp, old, torch.tensor([[adv, adv]]), torch.ones(1, 2), cfg,
+                             rollout_logprobs_bt=rollout)  # fmt: skip
+    (g,) = torch.autograd.grad(loss, lp)
+    assert torch.isfinite(loss) and torch.isfinite(g).all(), (loss, g)
+    assert all(torch.isfinite(v).all() for v in m.values())
+    # the extreme token: rho = exp(+-20); the second token has rho = 1: pg = -A (times w_is = 1)
+    rho = math.exp(math.copysign(LOG_RATIO_BOUND, log_ratio))
+    pg = max(-adv * rho, -adv * min(max(rho, 0.8), 1.28))
+    if adv < 0:
+        pg = min(pg, -adv * 3.0)
+    w = min(math.exp(math.copysign(LOG_RATIO_BOUND, log_ratio)), 2.0)
+    assert loss.item() == pytest.approx(w * pg - adv, rel=1e-5)

@@ -128,6 +128,13 @@ def test_degenerate_groups():
     assert has_signal(compute_advantages(mixed, AdvantageConfig()))
     assert not has_signal(compute_advantages(mixed, AdvantageConfig(estimator="grpo")))
     assert normalize_group([3.0], True, True, 1e-6) == [0.0]
+    # identical rewards whose float mean is off by an ulp: still no signal (was kept before)
+    assert sum([0.1] * 3) / 3 != 0.1
+    for est in ("step_srpo", "grpo"):
+        for loo in (False, True):
+            cfg = AdvantageConfig(estimator=est, leave_one_out=loo)
+            ulp = compute_advantages([S("think_on", 1, 0.1) for _ in range(3)], cfg)
+            assert ulp.a_answer == [0.0] * 3 and not has_signal(ulp), (est, loo, ulp)
     with pytest.raises(ValueError, match="empty group"):
         compute_advantages([], AdvantageConfig())
 
