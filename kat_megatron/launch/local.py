@@ -1,9 +1,11 @@
 """Local multi-rank launches on one machine: `kat train cfg.yaml --nproc 2` re-runs itself here.
 
-`torchrun_command(nproc, target)` is the one place that builds a `torch.distributed.run` command
-line: `--standalone` (a loopback rendezvous whose port the OS picks when torchrun binds it, so
-concurrent jobs never race for one) and one OpenMP thread per rank unless OMP_NUM_THREADS is set.
-`kat` subcommands (`launch_local`) and the multi-rank tests (`tests/launcher.py`) use it.
+`torchrun_command(nproc, target)` is the one place that builds the command line of a local
+multi-rank launch: `python -m kat_megatron.launch.ranks` (torchrun's local contract, with the
+rendezvous store bound to loopback only and its port picked by the OS, so concurrent jobs never
+race for one; `KAT_RDZV_BIND` binds elsewhere) and one OpenMP thread per rank unless
+OMP_NUM_THREADS is set. `kat` subcommands (`launch_local`) and the multi-rank tests
+(`tests/launcher.py`) use it.
 """
 
 from __future__ import annotations
@@ -22,12 +24,8 @@ def under_launcher() -> bool:
 def torchrun_command(nproc: int, target: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """(command, environment) running `target` on `nproc` local ranks: `target` is a script and
     its arguments, or `["-m", MODULE, ...]`."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--standalone",
-        *target,
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "kat_megatron.launch.ranks", "--nproc-per-node", str(nproc),
+           *target]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return cmd, env
 
