@@ -2,10 +2,10 @@
 
     run_ranks(["tests/losses/tp_kd_worker.py", str(out_dir)], nproc=2)
 
-runs `python -m torch.distributed.run --nproc-per-node 2 --standalone tests/losses/tp_kd_worker.py
-OUT_DIR` from the repository root: the command line and environment come from
-`kat_megatron.launch.local.torchrun_command` (a loopback rendezvous on a port the OS picks, one
-OpenMP thread per rank), with the repository prepended to PYTHONPATH. A worker script needs no
+runs `python -m kat_megatron.launch.ranks --nproc-per-node 2 tests/losses/tp_kd_worker.py OUT_DIR`
+from the repository root: the command line and environment come from
+`kat_megatron.launch.local.torchrun_command` (a loopback-only rendezvous on a port the OS picks,
+one OpenMP thread per rank), with the repository prepended to PYTHONPATH. A worker script needs no
 more to import its sibling modules: Python puts the script's own directory first on sys.path.
 
 Output goes through temporary files, not pipes, so that a stray grandchild holding them open
