@@ -275,10 +275,13 @@ def register(sub) -> None:
     c = sub.add_parser("convert", help="Hugging Face <-> Megatron checkpoints, reshard, verify")
     csub = c.add_subparsers(dest="convert_command", required=True)
     p = _add(csub, "hf-to-mcore", hf_to_mcore, "Hugging Face folder -> kat checkpoint")
-    p.add_argument("--hf", required=True, help="Qwen2 / Qwen3-MoE folder with safetensors")
+    p.add_argument("--hf", required=True,
+                   help="Qwen2 / Qwen3-MoE folder with safetensors (its mtp/ heads too)")  # fmt: skip
     _out_flags(p, "checkpoint dtype (default: the HF dtype)")
     _layout_flags(p)
-    p = _add(csub, "mcore-to-hf", mcore_to_hf, "kat checkpoint -> Hugging Face folder")
+    p = _add(csub, "mcore-to-hf", mcore_to_hf,
+             "kat checkpoint -> Hugging Face folder (tokenizer and chat template included; MTP "
+             "heads, if any, in OUT/mtp/: docs/conversion.md)")  # fmt: skip
     p.add_argument(
         "--mcore",
         required=True,

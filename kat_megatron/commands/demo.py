@@ -1,4 +1,5 @@
-"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--restart]` (what `make demo` runs)."""
+"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--seed S] [--restart]` (what `make demo`
+runs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        report = run_demo(args.out, quick=args.quick, nproc=args.nproc, restart=args.restart)
+        report = run_demo(
+            args.out, quick=args.quick, nproc=args.nproc, restart=args.restart, seed=args.seed
+        )
+    except ValueError as err:  # a resume with another --seed
+        print(f"demo: {err}", file=sys.stderr)
+        return 2
     except StepFailed as err:
         print(f"demo failed: {err}", file=sys.stderr)
         print("fix the cause and rerun the same command: finished steps are skipped",
@@ -38,4 +44,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a few steps per stage (for CI)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per step (default 2: TP=2)")
     p.add_argument("--restart", action="store_true", help="delete OUT and start over")
+    p.add_argument("--seed", type=int, default=0,
+                   help="one seed for every stage (data, teacher, KD, tagging, synthesis, SFT, RL, "
+                        "eval); 0, the default, is what the README measured")  # fmt: skip
     p.set_defaults(func=run)

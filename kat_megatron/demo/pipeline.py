@@ -1,4 +1,5 @@
-"""`kat demo [--out runs/demo] [--quick] [--nproc 2]`: the whole AutoThink pipeline, tiny, on CPU.
+"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--seed S]`: the whole AutoThink pipeline,
+tiny, on CPU.
 
 Steps (each a real `kat` command on `--nproc` gloo ranks; configs in `examples/demo/`):
   1. data       synthetic easy/hard sums: teacher corpus (Megatron indexed), prompts, eval set
@@ -12,6 +13,12 @@ Steps (each a real `kat` command on `--nproc` gloo ranks; configs in `examples/d
   8. export     `kat convert mcore-to-hf` of the RL student
   9. report     OUT/report.md with PNG plots
 A rerun skips finished steps (`OUT/.done/`); `--restart` starts over.
+
+`--seed S` seeds every stage from one number: stage k's seed is its base seed + 1000 * S (the
+corpus, prompt, eval and gold-row generators; `training.seed` of the teacher, KD, SFT and RL
+configs; the per-request seeds of `kat data tag` and `synthesize`; `kat eval --seed`). S = 0 is
+the configuration the README's figures were measured with. The seed is recorded in
+`OUT/seed.json`; resuming a run with another seed is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from kat_megatron.demo.runner import Runner
 
@@ -64,15 +73,43 @@ def latest(run_dir: Path) -> Path:
     return found
 
 
+SEED_STRIDE = 1000
+"""Stage seeds of `--seed S` are their base seeds + SEED_STRIDE * S (bases differ by < 1000)."""
+
+
+def config_seed(config: str) -> int:
+    """`training.seed` of demo config `config` (its base seed)."""
+    return int(yaml.safe_load((EXAMPLES / config).read_text())["training"]["seed"])
+
+
 class Demo:
     """The demo's steps over one output directory."""
 
-    def __init__(self, out: Path, scale: DemoScale, nproc: int, echo=print) -> None:
+    def __init__(self, out: Path, scale: DemoScale, nproc: int, echo=print, seed: int = 0) -> None:
         self.out = Path(out)
         self.s = scale
         self.nproc = nproc
+        self.seed = seed
         self.data = self.out / "data"
         self.r = Runner(self.out, total=len(self.steps()), echo=echo)
+
+    def stage_seed(self, base: int) -> int:
+        """The seed of a stage whose seed is `base` at `--seed 0`."""
+        return base + SEED_STRIDE * self.seed
+
+    def check_seed(self) -> None:
+        """Record the run's seed in OUT/seed.json; refuse to resume a run made with another."""
+        path = self.out / "seed.json"
+        if path.is_file():
+            recorded = json.loads(path.read_text())["seed"]
+            if recorded != self.seed:
+                raise ValueError(
+                    f"{self.out} was started with --seed {recorded}; rerun with --seed "
+                    f"{recorded} to resume it, or --restart to start over with --seed {self.seed}"
+                )
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seed": self.seed}) + "\n")
 
     def steps(self):
         return [
@@ -88,6 +125,7 @@ class Demo:
         ]
 
     def run(self) -> Path:
+        self.check_seed()
         for name, fn in self.steps():
             self.r.step(name, fn)
         return self.out / "report.md"
@@ -97,10 +135,11 @@ class Demo:
         from kat_megatron.data import synthetic_tasks as st
         from kat_megatron.data.preprocess import preprocess_jsonl
 
-        docs = st.pretrain_documents(self.s.corpus_docs, seed=1)
+        docs = st.pretrain_documents(self.s.corpus_docs, seed=self.stage_seed(1))
         corpus = st.write_jsonl(self.data / "corpus.jsonl", ({"text": d} for d in docs))
         preprocess_jsonl([corpus], self.data / "corpus", "tiny", workers=1, progress=False)
-        for name, n, seed in (("prompts", self.s.prompts, 2), ("eval", self.s.eval_prompts, 3)):
+        for name, n, base in (("prompts", self.s.prompts, 2), ("eval", self.s.eval_prompts, 3)):
+            seed = self.stage_seed(base)
             recs = [{**st.prompt_record(ex), "intent": "math"} for ex in st.make_tasks(n, seed)]
             st.write_jsonl(self.data / f"{name}.jsonl", recs)
         self.r.echo(f"    {len(docs)} corpus documents, {self.s.prompts} prompts, "
@@ -108,9 +147,11 @@ class Demo:
 
     def _train(self, config: str, run: str, *overrides: str) -> Path:
         run_dir = self.out / run
+        seed = f"training.seed={self.stage_seed(config_seed(config))}"
         self.r.kat(
-            "train", str(EXAMPLES / config), f"run.dir={run_dir}", *overrides, nproc=self.nproc
-        )
+            "train", str(EXAMPLES / config), f"run.dir={run_dir}", seed, *overrides,
+            nproc=self.nproc,
+        )  # fmt: skip
         return latest(run_dir)
 
     # 2
@@ -136,11 +177,12 @@ class Demo:
             self.r.kat(
                 "data", "tag", str(EXAMPLES / "tag.yaml"), client,
                 f"input={self.data / 'prompts.jsonl'}", f"output={work / 'tag'}",
-                f"samples_per_mode={self.s.samples_per_mode}",
+                f"samples_per_mode={self.s.samples_per_mode}", f"seed={self.stage_seed(0)}",
             )  # fmt: skip
             self.r.kat(
                 "data", "synthesize", str(EXAMPLES / "synthesize.yaml"), client,
                 f"input={work / 'tag' / 'data.jsonl'}", f"output={work / 'synth'}",
+                f"seed={self.stage_seed(0)}",
             )  # fmt: skip
         self.r.kat(
             "data", "coldstart", str(EXAMPLES / "coldstart.yaml"),
@@ -156,7 +198,9 @@ class Demo:
         gold = []
         if len(made) < self.s.min_sft_rows:
             need = self.s.min_sft_rows - len(made)
-            gold = st.coldstart_records(need, seed=4, think_on_rate={"easy": 0.0, "hard": 1.0})
+            gold = st.coldstart_records(
+                need, seed=self.stage_seed(4), think_on_rate={"easy": 0.0, "hard": 1.0}
+            )
             self.r.echo(
                 f"    WARNING: the teacher's pipeline kept {len(made)} rows (< {self.s.min_sft_rows}"
                 f"); adding {len(gold)} gold rows from the task's reference answers"
@@ -192,7 +236,7 @@ class Demo:
                 "eval", "--ckpt", str(latest(self.out / run)),
                 "--data", str(self.data / "eval.jsonl"), "--mode", "all",
                 "--samples", str(self.s.eval_samples), "--out", str(self.out / "eval" / run),
-                "--max-new-tokens", "96", "--no-progress",
+                "--max-new-tokens", "96", "--no-progress", "--seed", str(self.stage_seed(0)),
                 nproc=self.nproc,
             )  # fmt: skip
 
@@ -246,10 +290,12 @@ class Demo:
         }
 
 
-def run_demo(out: Path, quick: bool = False, nproc: int = 2, restart: bool = False) -> Path:
-    """Run (or resume) the demo into `out`; return the report's path."""
+def run_demo(
+    out: Path, quick: bool = False, nproc: int = 2, restart: bool = False, seed: int = 0
+) -> Path:
+    """Run (or resume) the demo into `out` with pipeline seed `seed`; return the report's path."""
     out = Path(out)
     if restart and out.exists():
         shutil.rmtree(out)
-    demo = Demo(out, QUICK if quick else FULL, nproc)
+    demo = Demo(out, QUICK if quick else FULL, nproc, seed=seed)
     return demo.run()

@@ -119,7 +119,7 @@ def server():
 
 def _tag_cfg(server, inp, out, **kw) -> dict:
     cfg = _base(server, inp, out)
-    cfg.update(samples_per_mode=2, judge={"model": "judge"}, **kw)
+    cfg.update({"samples_per_mode": 2, "judge": {"model": "judge"}, **kw})
     cfg["think_on"], cfg["think_off"] = {"model": "on-teacher"}, {"model": "off-teacher"}
     return cfg
 
@@ -128,6 +128,36 @@ def _run(name: str, cfg: dict) -> dict:
     """Run pipeline `name` in-process with `cfg` given as dotted overrides (as the CLI would)."""
     overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.items()]
     return pipelines.run(name, None, overrides)
+
+
+def test_tag_oracle_agreement_is_measured(server, tmp_path):
+    """`oracle`: labels compared with many more forced-mode samples of the same teacher. The
+    scripted off-teacher is right on hard queries for odd seeds only (pass rate 0.5), the
+    on-teacher always: with margin 0.6 (and no judge) the labels say think_off on the two
+    solvable hard queries where the oracle (margin 0, ties to think_off) says think_on."""
+    inp = tmp_path / "q.jsonl"
+    inp.write_text("".join(
+        json.dumps({"id": f"q{i}", "query": q, "reference": ref, "verifier": v,
+                    "category": "easy" if easy else "hard"}) + "\n"
+        for i, (q, (ref, easy, v)) in enumerate(WORLD.items())
+    ))  # fmt: skip
+    cfg = _tag_cfg(server, inp, tmp_path / "tag", margin=0.6, judge=None)
+    summary = _run("tag", {**cfg, "oracle": {"samples_per_mode": 4}})
+    assert server.answered == 6 * 2 * 2 + 6 * 2 * 4  # tagging samples, then the oracle's
+    rows = {r["query"]: r for r in _jsonl(tmp_path / "tag" / "data.jsonl")}
+    hard = rows["Compute 17 * 23."]
+    assert hard["mode"] == "think_off"
+    assert hard["oracle"] == {"mode": "think_on", "p_on": 1.0, "p_off": 0.5, "samples": 4}
+    assert rows["What is 2 + 3?"]["oracle"]["mode"] == "think_off"  # 1.0 vs 1.0: the cheaper
+    assert summary["oracle_agreement"] == {
+        "overall": round(4 / 6, 4),
+        "by_category": {"easy": 1.0, "hard": round(1 / 3, 4)},
+        "confusion": {"think_off->think_off": 4, "think_off->think_on": 2},
+        "oracle_think_on_rate": round(2 / 6, 4),
+        "n": 6,
+    }
+    with pytest.raises(ValueError, match="oracle.samples_per_mode=0"):
+        _run("tag", {**cfg, "oracle": {"samples_per_mode": 0}})
 
 
 def test_tag_synthesize_coldstart_chain(server, tmp_path):

@@ -11,10 +11,19 @@ are sampled either from two teachers (`sampling: teacher`: `think_on` is a reaso
 DeepSeek-R1, `think_off` a direct one such as DeepSeek-V3 with a no-reasoning system prompt) or
 from an AutoThink model through `/completions` with the mode prefilled (`sampling: prefill`,
 system prompts ignored). Rows keep the votes, pass rates, judge vote and sample lengths.
+
+Oracle (`oracle: {samples_per_mode: 16}`): how right the labels are, measured. Each query is
+also sampled `oracle.samples_per_mode` more times per forced mode from the same teacher (other
+seeds; `oracle.temperature` overrides the roles', 0 = greedy with one sample per mode), and the
+oracle label is the mode with the higher oracle pass rate, think-off on ties (the cheaper mode).
+Rows get `oracle` {mode, p_on, p_off}; summary.json gets `oracle_agreement`: the fraction of
+labels equal to the oracle's, overall and per category (`category` of the input records), and
+the confusion counts. The oracle's requests are extra cost (2 x samples_per_mode per query).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -46,6 +55,25 @@ def _think_off_role() -> RoleConfig:
 
 
 @dataclass
+class OracleConfig:
+    """Many forced-mode samples per query whose majority is the reference label."""
+
+    samples_per_mode: int = 16
+    temperature: float | None = None
+    """None: each mode role's own temperature; 0: greedy (one sample per mode suffices)."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_mode < 1:
+            raise ValueError(f"oracle.samples_per_mode={self.samples_per_mode}: expected >= 1")
+        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"oracle.temperature={self.temperature}: expected 0..2")
+
+
+ORACLE_INDEX = 1_000_000
+"""Oracle sample j uses request index ORACLE_INDEX + j (seeds apart from the tagging samples')."""
+
+
+@dataclass
 class TagConfig(PipelineConfig):
     """`kat data tag`: forced-mode sampling, verification and the mode decision."""
 
@@ -66,6 +94,8 @@ class TagConfig(PipelineConfig):
     """Append the verifier's answer-format hint (prompts.ANSWER_HINTS) to sampled queries."""
     drop_unsolved: bool = False
     """Reject queries that no sample answered correctly (kept and flagged `unsolved` if false)."""
+    oracle: OracleConfig | None = None
+    """Measure the labels against an oracle of many more samples (see the module docstring)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,26 +126,54 @@ def sample_messages(rec: InputRecord, hints: bool) -> list[dict[str, str]]:
     return [*rec.messages[:-1], {"role": "user", "content": last}]
 
 
-def _sample_teacher(ctx: PipelineContext, rec: InputRecord, mode: str, i: int) -> tuple[str, int]:
+def _role(ctx: PipelineContext, mode: str, oracle: bool) -> RoleConfig:
     role = getattr(ctx.cfg, mode)
-    out = ctx.ask(role, sample_messages(rec, ctx.cfg.answer_hints), i, f"tag/{mode}")
+    temp = ctx.cfg.oracle.temperature if oracle else None
+    return role if temp is None else dataclasses.replace(role, temperature=temp)
+
+
+def _sample_teacher(
+    ctx: PipelineContext, rec: InputRecord, mode: str, i: int, oracle: bool = False
+) -> tuple[str, int]:
+    tag = f"tag/{'oracle/' if oracle else ''}{mode}"
+    out = ctx.ask(_role(ctx, mode, oracle), sample_messages(rec, ctx.cfg.answer_hints), i, tag)
     return out.text, ctx.meter((out.reasoning or "") + out.text)
 
 
-def _sample_prefill(ctx: PipelineContext, rec: InputRecord, mode: str, i: int) -> tuple[str, int]:
+def _sample_prefill(
+    ctx: PipelineContext, rec: InputRecord, mode: str, i: int, oracle: bool = False
+) -> tuple[str, int]:
     cfg = ctx.cfg
     opener = THINK_OPEN if mode == "think_on" else ANSWER_OPEN
     prefix = f"{cfg.prefill_judge}\n{JUDGE_CLOSE}\n\n{MODE_TOKENS[mode]}\n{opener}\n"
     prompt = render_chat(sample_messages(rec, cfg.answer_hints), add_generation_prompt=True)
-    out = ctx.complete(getattr(cfg, mode), prompt + prefix, i, f"tag/{mode}")
+    tag = f"tag/{'oracle/' if oracle else ''}{mode}"
+    out = ctx.complete(_role(ctx, mode, oracle), prompt + prefix, i, tag)
     return parse_lenient(GENERATION_PREFIX + prefix + out.text).answer, ctx.meter(out.text)
 
 
-SAMPLERS: dict[str, Callable[[PipelineContext, InputRecord, str, int], tuple[str, int]]] = {
+SAMPLERS: dict[str, Callable[..., tuple[str, int]]] = {
     "teacher": _sample_teacher,
     "prefill": _sample_prefill,
 }
-"""Forced-mode samplers by name: (context, record, mode, sample index) -> (answer, length)."""
+"""Forced-mode samplers by name: (context, record, mode, sample index, oracle=False) ->
+(answer, length); `oracle` selects the oracle's role temperature and cache tag."""
+
+
+def oracle_label(ctx: PipelineContext, rec: InputRecord, verifier) -> dict[str, Any]:
+    """The oracle's pass rates and mode for one query (greedy: one sample per mode)."""
+    o = ctx.cfg.oracle
+    n = 1 if o.temperature == 0 else o.samples_per_mode
+    rates = {}
+    for mode in MODES:
+        ok = 0
+        for j in range(n):
+            answer, _ = SAMPLERS[ctx.cfg.sampling](ctx, rec, mode, ORACLE_INDEX + j, oracle=True)
+            ok += int(verifier(answer, rec.reference).correct)
+        rates[mode] = ok / n
+    mode = decide_mode(rates["think_on"], rates["think_off"], 0.0)
+    return {"mode": mode, "p_on": rates["think_on"], "p_off": rates["think_off"], "samples": n}
+
 
 _VOTE_RE = re.compile(r"think[\s_-]*(on|off)", re.IGNORECASE)
 
@@ -157,6 +215,9 @@ def process_record(ctx: PipelineContext, rec: InputRecord) -> Outcome:
         "unsolved": p_on == 0 and p_off == 0,
         "sample_lengths": lengths,
     }
+    if cfg.oracle is not None:
+        row["oracle"] = oracle_label(ctx, rec, verifier)
+        row["category"] = str(rec.data.get("category", "default"))
     if row["unsolved"] and cfg.drop_unsolved:
         return Outcome("rejected", row, "unsolved: no sample was verified correct", events)
     return Outcome("kept", row, None, events)
@@ -193,6 +254,28 @@ def _extra(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "think_off": round(sum(r["p_off"] for r in rows) / n, 4),
         },
         "judge_votes": dict(Counter(str(r["judge_vote"]) for r in rows if r["judge_vote"])),
+        **({"oracle_agreement": oracle_agreement(rows)} if rows and "oracle" in rows[0] else {}),
+    }
+
+
+def oracle_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Agreement of the labels with the oracle's: overall, per category, and confusion counts
+    `label->oracle`."""
+
+    def rate(rs: list[dict[str, Any]]) -> float:
+        return round(sum(r["mode"] == r["oracle"]["mode"] for r in rs) / len(rs), 4)
+
+    cats = sorted({r.get("category", "default") for r in rows})
+    return {
+        "overall": rate(rows),
+        "by_category": {
+            c: rate([r for r in rows if r.get("category", "default") == c]) for c in cats
+        },
+        "confusion": dict(Counter(f"{r['mode']}->{r['oracle']['mode']}" for r in rows)),
+        "oracle_think_on_rate": round(
+            sum(r["oracle"]["mode"] == "think_on" for r in rows) / len(rows), 4
+        ),
+        "n": len(rows),
     }
 
 
