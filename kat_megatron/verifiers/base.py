@@ -23,6 +23,9 @@ class VerifyResult:
     correct: bool
     score: float
     detail: str = ""
+    error: str | None = None
+    """Set when the check itself failed (e.g. the code sandbox could not run): the answer was
+    not judged, `correct`/`score` are then False/0 placeholders; do not train on them."""
 
 
 class Verifier(Protocol):

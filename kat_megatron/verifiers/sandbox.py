@@ -3,32 +3,25 @@
 `python -c "from kat_megatron.verifiers.sandbox import SubprocessSandbox; print(
 SubprocessSandbox().run('print(1 + 1)'))"`
 
-`SubprocessSandbox.run` starts a small launcher (`python -I`, own session, minimal environment)
-that isolates the program with Linux namespaces and rlimits, then `exec`s `python -I -B main.py`
-in a fresh private directory (docs/step_srpo.md, "Code-execution sandbox"):
-- network: a new network namespace (only a loopback interface, down): every connection fails,
-  the host's loopback services included. If the namespace cannot be created the sandbox
-  refuses to run (`SandboxUnavailable`) unless `allow_network_fallback=True`;
-- processes: a new PID namespace whose init is the launcher's child: when the program exits or
-  the launcher is killed (wall-clock timeout: the host kills the launcher's process group; the
-  init has PR_SET_PDEATHSIG), the kernel kills everything left in the namespace.
-  RLIMIT_NPROC counts per real uid, and root ignores it, so as root the program runs under a
-  uid of its own (`UID_BASE + launcher pid`, unique among live sandboxes): `max_processes`
-  then bounds exactly this run (fork bombs fail with EAGAIN);
-- file system: a private mount namespace in which every mount is remounted read-only except
-  the run's directory (bind-mounted read-write, owned by the program's uid), plus a fresh
-  /proc of the PID namespace; the unprivileged uid is a second barrier. Directories on the
-  interpreter's path that other users may not traverse (e.g. /root, 0700, holding a pyenv
-  Python) are covered by an empty tmpfs holding only that path. Reads of world-readable
-  files are not blocked;
-- rlimits: address space (`memory_mb`), CPU seconds, file size (stdout/stderr are files, so it
-  caps output too), no core dumps.
-Not root: the namespaces are created inside a user namespace (where the kernel allows it) and
-the program runs in a nested one, so it holds no privilege over the read-only mounts; its
-RLIMIT_NPROC is counted per user namespace (Linux >= 5.14).
-Not covered: aggregate memory across processes (each may use `memory_mb`; a cgroup would bound
-the sum) and CPU time across processes. `SandboxResult.violation` names the limit a failed run
-most likely hit (from the exit signal and the stderr text: best effort).
+`SubprocessSandbox.run` starts a launcher (`sandbox_launcher.py`: `python -I`, own session,
+minimal environment) that isolates the program, then `exec`s `python -I -B main.py` in it.
+docs/sandbox.md has the full table of what is contained and what is not; in short:
+- network, PID, IPC and UTS namespaces: no connection leaves the run (host loopback and
+  abstract unix sockets included); everything the program started dies with it. Without a
+  network namespace the sandbox refuses (`SandboxUnavailable`) unless `allow_network_fallback`;
+- a minimal root (`readonly_fs`): a tmpfs holding read-only, nosuid bind mounts of only the
+  interpreter's prefixes and the system libraries, /dev/null & co., its own /proc, and the run's
+  directory /sandbox, a tmpfs of `disk_mb` MiB and `max_files` inodes (also /tmp and /dev/shm).
+  No host file, no other run, no host unix socket is reachable;
+- its own uid as root (UID_BASE + launcher pid), else nested user namespaces; no new privileges
+  (PR_SET_NO_NEW_PRIVS, nosuid mounts);
+- rlimits: address space (`memory_mb`), CPU seconds, file size (`max_output_kb`, which caps
+  stdout/stderr too: `SandboxResult.truncated`), processes (`max_processes`), no core dumps.
+`SandboxResult.error` reports a failure of the sandbox itself (never raised, except
+`SandboxUnavailable`); `violation` names the limit a failed run most likely hit.
+
+`run_pair` runs two programs in two such sandboxes connected only by pipes (fd 3 reads what the
+other writes on its fd 4): the code verifier judges a program from a second, trusted process.
 """
 
 from __future__ import annotations
@@ -38,10 +31,12 @@ import math
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,131 +44,11 @@ from typing import Any, Protocol
 
 UID_BASE = 1_500_000_000
 """Per-run uids (root only) are UID_BASE + the launcher's pid; no account needs to exist."""
+LIBRARY_PATHS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32")
+"""System library directories bound read-only into the minimal root (those that exist)."""
 _REFUSED = 97
-
-_LAUNCHER = r"""
-import ctypes, json, os, resource, signal, sys
-a = json.loads(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)
-NS, PID, NET, USER = 0x20000, 0x20000000, 0x40000000, 0x10000000
-RO, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, MOVE, REC = 1, 2, 4, 8, 32, 4096, 8192, 16384
-PRIVATE = 1 << 18
-KEEP = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC, "noatime": 1024,
-        "nodiratime": 2048, "relatime": 1 << 21}
-root, work, parent = os.geteuid() == 0, os.getcwd(), os.getpid()
-iso = {"network": False, "pid": False, "readonly_fs": False, "uid": os.getuid(), "notes": []}
-def mount(src, dst, fs, flags, data=None):
-    e = lambda s: None if s is None else s.encode()
-    if libc.mount(e(src), e(dst), e(fs), flags, e(data)) == 0:
-        return True
-    iso["notes"].append(f"mount {dst}: {os.strerror(ctypes.get_errno())}")
-    return False
-def userns(uid_map, gid_map):
-    for f, s in (("setgroups", "deny"), ("uid_map", uid_map), ("gid_map", gid_map)):
-        with open(f"/proc/self/{f}", "w") as fh:
-            fh.write(s)
-def expose(path):
-    # Cover each ancestor of the (resolved) `path` that others may not traverse (e.g. /root,
-    # 0700) with an empty world-traversable tmpfs that holds only the next component.
-    cur = "/"
-    for name in os.path.normpath(path).split("/")[1:]:
-        nxt = os.path.join(cur, name)
-        if not os.path.exists(nxt):
-            return
-        if cur != "/" and not os.stat(cur).st_mode & 0o001:
-            if a["stash"].startswith(cur + "/"):
-                return iso["notes"].append(f"cannot expose {nxt}: the run directory is inside")
-            stash = a["stash"] + ("" if os.path.isdir(nxt) else ".file")
-            if not (mount(nxt, stash, None, BIND | REC)
-                    and mount("tmpfs", cur, "tmpfs", NOSUID | NODEV, "mode=0755")):
-                return
-            os.mkdir(nxt) if os.path.isdir(stash) else open(nxt, "w").close()
-            mount(stash, nxt, None, MOVE)
-            iso["notes"].append(f"exposed {nxt} on a tmpfs over {cur}")
-        cur = nxt
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-if a["namespaces"]:
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(NS | PID | NET | (0 if root else USER)) == 0:
-        if not root:
-            userns(f"0 {uid} 1", f"0 {gid} 1")
-        iso["network"] = iso["pid"] = True
-        private = mount(None, "/", None, REC | PRIVATE)
-        if private and root and a["drop"]:
-            for path in a["expose"]:
-                expose(path)
-        if a["readonly_fs"] and private and mount(work, work, None, BIND):
-            ok = True
-            for line in open("/proc/self/mountinfo"):
-                f = line.split()
-                point = f[4].encode().decode("unicode_escape")
-                if point != work:
-                    keep = sum(KEEP.get(o, 0) for o in f[5].split(","))
-                    ok &= mount(None, point, None, REMOUNT | BIND | RO | keep)
-            iso["readonly_fs"] = ok
-            os.chdir(work)  # re-resolve: the cwd still points into the (now read-only) old mount
-    else:
-        iso["notes"].append(f"unshare: {os.strerror(ctypes.get_errno())}")
-def reachable(path):  # every directory on the path traversable by others
-    parts = os.path.normpath(path).split("/")[1:]
-    dirs = ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return all(os.stat(d).st_mode & 1 for d in dirs if os.path.isdir(d))
-run_uid = (a["uid"] or UID_BASE + parent) if root and a["drop"] else None
-if run_uid is not None and not all(reachable(p) for p in a["expose"]):
-    iso["notes"].append("kept uid 0: the interpreter is not reachable by other users")
-    run_uid = None
-iso["uid"] = run_uid if run_uid is not None else iso["uid"]
-refuse = not iso["network"] and not a["allow_net"]
-with os.fdopen(a["report_fd"], "w") as rep:
-    json.dump(dict(iso, refused=refuse), rep)
-if refuse:
-    os._exit(REFUSED)
-if run_uid is not None:
-    os.chown(work, run_uid, run_uid)
-r, w = os.pipe()
-alive_r, alive_w = os.pipe()  # EOF on alive_r: the launcher is gone
-if os.fork() == 0:  # pid 1 of the new PID namespace
-    os.close(r)
-    os.close(alive_w)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    os.set_blocking(alive_r, False)
-    try:
-        if os.read(alive_r, 1) == b"":
-            os._exit(1)
-    except BlockingIOError:
-        pass
-    os.close(alive_r)
-    if iso["pid"] and a["readonly_fs"]:
-        mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
-    user = os.fork()
-    if user == 0:
-        os.close(w)
-        for k in ("AS", "CPU", "FSIZE", "NPROC"):
-            if a[k] > 0:
-                resource.setrlimit(getattr(resource, "RLIMIT_" + k), (a[k], a[k] + (k == "CPU")))
-        if run_uid is not None:
-            os.setgroups([]); os.setgid(run_uid); os.setuid(run_uid)
-        elif iso["pid"] and not root and libc.unshare(USER | NS) == 0:
-            userns("1000 0 1", "1000 0 1")  # nested: no capability over the read-only mounts
-        try:
-            os.execv(a["python"], [a["python"], "-I", "-B", "main.py"])
-        except OSError as e:
-            os.write(2, f"kat-sandbox: cannot exec {a['python']} as uid {os.getuid()}: {e}\n"
-                     .encode())
-            os._exit(126)
-    os.write(w, str(os.waitpid(user, 0)[1]).encode())
-    os._exit(0)
-os.close(w)
-os.close(alive_r)
-status = int(os.read(r, 32) or os.wait()[1])
-if os.WIFSIGNALED(status):
-    sig = os.WTERMSIG(status)
-    if sig not in (signal.SIGKILL, signal.SIGSTOP):
-        signal.signal(sig, signal.SIG_DFL)
-    os.kill(os.getpid(), sig)
-os._exit(os.waitstatus_to_exitcode(status))
-""".replace("REFUSED", str(_REFUSED)).replace("UID_BASE", str(UID_BASE))
+_LAUNCHER = Path(__file__).with_name("sandbox_launcher.py").read_text()
+_KILL_GRACE_S = 0.5
 
 
 class SandboxUnavailable(RuntimeError):
@@ -183,7 +58,7 @@ class SandboxUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class SandboxResult:
     """What a program did: exit status (negative: killed by that signal), output, timeout, and
-    which limit it most likely hit (`violation`)."""
+    which limit it most likely hit (`violation`); `error` when the sandbox itself failed."""
 
     returncode: int | None
     stdout: str
@@ -191,21 +66,35 @@ class SandboxResult:
     timed_out: bool = False
     violation: str | None = None
     """None, or one of: wall_time, cpu_time, memory, processes, network, filesystem,
-    file_size, killed (SIGKILL of unknown origin), setup_timeout (the launcher never got
-    ready)."""
+    file_size, disk, files, killed (SIGKILL of unknown origin), setup_timeout (the launcher
+    never got ready)."""
     isolation: dict[str, Any] = field(default_factory=dict, compare=False)
-    """What the launcher set up: network / pid / readonly_fs (bools), uid, notes."""
+    """What the launcher set up: network / pid / readonly_fs / root / no_new_privs (bools),
+    uid, notes; after the run disk_free_kb and files_free of the run's directory."""
     wall_s: float = 0.0
+    truncated: bool = False
+    """stdout or stderr was longer than `max_output_kb` (then cut there)."""
+    error: str | None = None
+    """Why the sandbox could not run the program (an internal failure, not the program's):
+    the other fields then say nothing about the program."""
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
+        return self.returncode == 0 and not self.timed_out and self.error is None
 
 
 class CodeSandbox(Protocol):
     """Runs a Python program with `stdin` and a wall-clock limit."""
 
     def run(self, program: str, stdin: str = "", timeout_s: float = 10.0) -> SandboxResult: ...
+
+
+class PairedSandbox(CodeSandbox, Protocol):
+    """A `CodeSandbox` that can also run a program next to a peer, linked only by two pipes."""
+
+    def run_pair(
+        self, program: str, peer: str, timeout_s: float = 10.0, peer_timeout_s: float = 10.0
+    ) -> tuple[SandboxResult, SandboxResult]: ...
 
 
 @dataclass
@@ -223,9 +112,18 @@ class SandboxConfig:
     cpu_time_s: int | None = None
     """RLIMIT_CPU in seconds; None: the run's wall-clock limit rounded up, plus 1."""
     namespaces: bool = True
-    """Isolate with network, PID and mount namespaces (Linux)."""
+    """Isolate with network, PID, mount, IPC and UTS namespaces (Linux)."""
     readonly_fs: bool = True
-    """Remount everything read-only except the run's directory (needs `namespaces`)."""
+    """Give the program the minimal root (needs `namespaces`); False: the host's file system,
+    writable wherever its uid may write (for debugging only)."""
+    disk_mb: int = 64
+    """Size of the run's directory (a tmpfs): everything the program writes, together."""
+    max_files: int = 2048
+    """Inodes of the run's directory: files and directories the program may create."""
+    library_paths: tuple[str, ...] = LIBRARY_PATHS
+    """System library directories in the minimal root (bound read-only where they exist)."""
+    ro_paths: tuple[str, ...] = ()
+    """Further host paths to show read-only (nosuid, nodev) at the same place in the root."""
     drop_privileges: bool = True
     """As root, run the program under a uid of its own (`sandbox_uid` or a per-run one)."""
     sandbox_uid: int | None = None
@@ -241,6 +139,10 @@ class SandboxConfig:
             raise ValueError(f"sandbox.max_output_kb={self.max_output_kb}: expected >= 1")
         if self.max_processes is not None and self.max_processes < 1:
             raise ValueError(f"sandbox.max_processes={self.max_processes}: expected >= 1")
+        if self.disk_mb < 1 or self.max_files < 16:
+            raise ValueError(
+                f"sandbox.disk_mb={self.disk_mb} / max_files={self.max_files}: expected >= 1 / 16"
+            )
         if not self.namespaces and not self.allow_network_fallback:
             raise ValueError(
                 "sandbox.namespaces=False leaves the program on the network; set "
@@ -248,12 +150,15 @@ class SandboxConfig:
             )
         if self.sandbox_uid is not None and self.sandbox_uid <= 0:
             raise ValueError(f"sandbox.sandbox_uid={self.sandbox_uid}: expected > 0 or None")
+        if not all(os.path.isabs(p) for p in (*self.library_paths, *self.ro_paths)):
+            raise ValueError("sandbox.library_paths / ro_paths: expected absolute paths")
 
 
 _PATTERNS = (
     ("memory", re.compile(r"MemoryError|Cannot allocate memory")),
     ("processes", re.compile(r"BlockingIOError|Resource temporarily unavailable|new thread")),
     ("network", re.compile(r"Errno (101|99|-2|-3|-5)\]|Network is unreachable|resolution")),
+    ("disk", re.compile(r"No space left on device|Errno 28\]")),
     ("filesystem", re.compile(r"Read-only file system|Errno 30\]|PermissionError")),
     ("file_size", re.compile(r"File too large|Errno 27\]")),
 )
@@ -275,90 +180,228 @@ def diagnose(returncode: int | None, stderr: str, timed_out: bool) -> str | None
 
 
 def _interpreter_paths(python: str) -> list[str]:
-    """Resolved paths the program's interpreter needs (binary, prefix, base prefix)."""
-    paths = {os.path.realpath(python), os.path.dirname(os.path.dirname(os.path.realpath(python)))}
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
-        paths |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
-    return sorted(paths)
+    """Paths the program's interpreter needs: the binary as named, its prefix, and (for this
+    interpreter) the venv and base prefixes."""
+    real = os.path.realpath(python)
+    paths = {os.path.abspath(python), os.path.dirname(os.path.dirname(real))}
+    if real == os.path.realpath(sys.executable):
+        paths |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    return sorted(paths - {"/"})  # an interpreter directly under / would expose the host's /
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _read_report(fd: int, timeout_s: float) -> tuple[dict, bool]:
+    """The next JSON line of the launcher's report pipe ({} if none) and whether it timed out."""
+    buf, deadline = b"", time.monotonic() + timeout_s
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return {}, True
+        chunk = os.read(fd, 1)  # bytewise: the second line must stay in the pipe
+        if not chunk:
+            break
+        buf += chunk
+    return (json.loads(buf) if buf.strip() else {}), False
+
+
+class _Launch:
+    """One started launcher with its temporary files; `finish` waits and builds the result."""
+
+    def __init__(self, cfg: SandboxConfig, timeout_s: float) -> None:
+        self.cfg, self.timeout_s = cfg, timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.report: int | None = None
+        self.files: list[Any] = []
+        self.tmp = os.path.realpath(tempfile.mkdtemp(prefix="kat_sandbox_"))
+
+    def start(self, program: str, stdin: str, channel: tuple[int, ...] = ()) -> None:
+        cfg = self.cfg
+        self.files = [tempfile.TemporaryFile() for _ in range(3)]  # stdin, stdout, stderr
+        os.chmod(self.tmp, 0o711)  # without a root, the program's uid traverses to `work`
+        work = Path(self.tmp) / "work"
+        work.mkdir(0o700)
+        os.mkdir(Path(self.tmp) / "root", 0o700)  # mount point of the minimal root
+        (work / "main.py").write_bytes(program.encode("utf-8", "surrogatepass"))
+        self.files[0].write(stdin.encode("utf-8", "surrogatepass"))
+        self.files[0].seek(0)
+        self.report, report_w = os.pipe()
+        args = {
+            "namespaces": cfg.namespaces, "readonly_fs": cfg.readonly_fs and cfg.namespaces,
+            "allow_net": cfg.allow_network_fallback, "drop": cfg.drop_privileges,
+            "uid": cfg.sandbox_uid, "uid_base": UID_BASE, "refused_code": _REFUSED,
+            "python": cfg.python, "AS": cfg.memory_mb * 1024 * 1024,
+            "CPU": cfg.cpu_time_s or math.ceil(self.timeout_s) + 1,
+            "FSIZE": cfg.max_output_kb * 1024 + 1, "NPROC": cfg.max_processes or 0,
+            "binds": _interpreter_paths(cfg.python) + list(cfg.library_paths + cfg.ro_paths),
+            "disk_kb": cfg.disk_mb * 1024, "max_files": cfg.max_files,
+            "work": str(work), "root_dir": os.path.join(self.tmp, "root"),
+            "report_fd": report_w, "channel_fds": list(channel),
+        }  # fmt: skip
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _LAUNCHER, json.dumps(args)], cwd=work,
+                env={"PATH": os.defpath, "LANG": "C.UTF-8"}, stdin=self.files[0],
+                stdout=self.files[1], stderr=self.files[2], start_new_session=True,
+                pass_fds=(report_w, *channel),
+            )  # fmt: skip
+        finally:
+            os.close(report_w)
+
+    def _wait(self, stop: threading.Event | None) -> bool:
+        """Wait up to the run's limit (or until `stop`, plus a grace); True if it timed out."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.proc.wait(timeout=max(0.0, min(left, 0.05) if stop else left))
+                return False
+            except subprocess.TimeoutExpired:
+                if left <= 0:
+                    return True
+                if stop is not None and stop.is_set():
+                    deadline = min(deadline, time.monotonic() + _KILL_GRACE_S)
+                    stop = None
+
+    def _output(self, f: Any) -> tuple[str, bool]:
+        limit = self.cfg.max_output_kb * 1024
+        f.seek(0)
+        data = f.read(limit + 1)
+        return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+
+    def finish(self, stop: threading.Event | None = None) -> SandboxResult:
+        cfg = self.cfg
+        # the wall-clock limit starts once the launcher has set up (namespace creation can
+        # stall for seconds on a busy kernel); setup has its own limit
+        iso, setup_timed_out = _read_report(self.report, cfg.setup_timeout_s)
+        setup, start, timed_out = bool(iso), time.monotonic(), False
+        try:
+            timed_out = self._wait(stop) if setup else False
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+        wall = time.monotonic() - start
+        after = _read_report(self.report, 2.0)[0] if setup else {}
+        (stdout, cut_out), (stderr, cut_err) = (
+            self._output(self.files[1]),
+            self._output(self.files[2]),
+        )
+        if iso.get("refused") or (not iso and self.proc.returncode == _REFUSED):
+            raise SandboxUnavailable(
+                "refusing to run code: no network namespace could be created "
+                f"({'; '.join(iso.get('notes', [])) or stderr.strip()}); set "
+                "sandbox.allow_network_fallback=True to run it with network access"
+            )
+        iso.update({k: v for k, v in after.items() if k != "status"})
+        error = iso.pop("error", None)
+        if not setup and not setup_timed_out:
+            code = self.proc.returncode
+            error = f"sandbox launcher exited with {code} before setup: {stderr.strip()[-300:]}"
+        elif not setup:
+            error = f"sandbox setup did not finish within {cfg.setup_timeout_s:g} s"
+            return SandboxResult(
+                None, stdout, stderr, False, "setup_timeout", iso, wall, error=error
+            )
+        if error:
+            return SandboxResult(None, stdout, stderr, False, None, iso, wall, error=error)
+        code = None if timed_out else self.proc.returncode
+        why = diagnose(code, stderr, timed_out)
+        if code not in (0, None) and why in (None, "disk", "killed"):
+            if after.get("files_free") == 0:
+                why = "files"
+            elif after.get("disk_free_kb", 1 << 30) <= 4:
+                why = "disk"
+        return SandboxResult(code, stdout, stderr, timed_out, why, iso, wall, cut_out or cut_err)
+
+    def close(self) -> None:
+        """Kill what is left, close the files, remove the host directory (never raises)."""
+        try:
+            if self.proc is not None and self.proc.returncode is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                self.proc.wait()
+            for f in self.files:
+                f.close()
+            if self.report is not None:
+                os.close(self.report)
+                self.report = None
+        except Exception:
+            pass
+        try:
+            shutil.rmtree(self.tmp)
+        except Exception:  # e.g. a tree too deep for rmtree (a run without the minimal root)
+            try:
+                subprocess.run(["rm", "-rf", "--one-file-system", self.tmp], check=False)
+            except OSError:
+                pass
+
+
+def _internal(e: BaseException) -> SandboxResult:
+    return SandboxResult(None, "", "", error=f"sandbox: {type(e).__name__}: {e}")
 
 
 class SubprocessSandbox:
-    """`CodeSandbox` on an isolated local subprocess (see the module docstring)."""
+    """`PairedSandbox` on isolated local subprocesses (see the module docstring)."""
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
 
-    def _read(self, f: Any) -> str:
-        f.seek(0)
-        return f.read(self.config.max_output_kb * 1024).decode("utf-8", errors="replace")
-
     def run(self, program: str, stdin: str = "", timeout_s: float = 10.0) -> SandboxResult:
-        cfg = self.config
-        args = {
-            "namespaces": cfg.namespaces, "readonly_fs": cfg.readonly_fs and cfg.namespaces,
-            "allow_net": cfg.allow_network_fallback, "drop": cfg.drop_privileges,
-            "uid": cfg.sandbox_uid, "python": cfg.python, "AS": cfg.memory_mb * 1024 * 1024,
-            "CPU": cfg.cpu_time_s or math.ceil(timeout_s) + 1,
-            "FSIZE": cfg.max_output_kb * 1024, "NPROC": cfg.max_processes or 0,
-            "expose": _interpreter_paths(cfg.python),
-        }  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="kat_sandbox_") as tmp:
-            os.chmod(tmp, 0o711)  # the program's uid may traverse to its directory, not list
-            work = Path(tmp) / "work"
-            work.mkdir()
-            args["stash"] = str(Path(tmp) / "stash")  # mount points for the launcher's `expose`
-            os.mkdir(args["stash"], 0o700)
-            Path(args["stash"] + ".file").touch(0o600)
-            (work / "main.py").write_text(program, encoding="utf-8")
-            env = {"PATH": os.defpath, "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
-            env.update(PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
-            report_r, report_w = os.pipe()
-            args["report_fd"] = report_w
-            cmd = [sys.executable, "-I", "-c", _LAUNCHER, json.dumps(args)]
-            with (
-                tempfile.TemporaryFile() as fin,
-                tempfile.TemporaryFile() as fout,
-                tempfile.TemporaryFile() as ferr,
-                os.fdopen(report_r, "rb") as report,
-            ):
-                fin.write(stdin.encode("utf-8"))
-                fin.seek(0)
+        launch = None
+        try:
+            launch = _Launch(self.config, timeout_s)
+            launch.start(program, stdin)
+            return launch.finish()
+        except SandboxUnavailable:
+            raise
+        except Exception as e:  # an internal failure is a result, never an exception
+            return _internal(e)
+        finally:
+            if launch is not None:
+                launch.close()
+
+    def run_pair(
+        self, program: str, peer: str, timeout_s: float = 10.0, peer_timeout_s: float = 10.0
+    ) -> tuple[SandboxResult, SandboxResult]:
+        """Run `program` and `peer` in two sandboxes; in each, fd 3 reads what the other writes
+        on its fd 4. Nothing else links them. `program` is killed once `peer` has ended."""
+        launches: list[_Launch] = []
+        results: list[SandboxResult | None] = [None, None]
+        done = threading.Event()
+        a_r, a_w = os.pipe()  # program -> peer
+        b_r, b_w = os.pipe()  # peer -> program
+        try:
+            try:
+                for text, limit, fds in ((program, timeout_s, (b_r, a_w)),
+                                         (peer, peer_timeout_s, (a_r, b_w))):  # fmt: skip
+                    launches.append(_Launch(self.config, limit))
+                    launches[-1].start(text, "", fds)
+            finally:
+                for fd in (a_r, a_w, b_r, b_w):
+                    os.close(fd)
+
+            def wait_peer() -> None:
                 try:
-                    proc = subprocess.Popen(
-                        cmd, cwd=work, env=env, stdin=fin, stdout=fout, stderr=ferr,
-                        start_new_session=True, pass_fds=(report_w,),
-                    )  # fmt: skip
+                    results[1] = launches[1].finish()
+                except Exception as e:
+                    results[1] = _internal(e)
                 finally:
-                    os.close(report_w)
-                # the wall-clock limit starts once the launcher has set up (namespace creation
-                # can stall for seconds on a busy kernel); setup has its own limit
-                timed_out, raw, start = False, b"", time.monotonic()
-                try:
-                    ready = select.select([report], [], [], cfg.setup_timeout_s)[0]
-                    raw = report.read() if ready else b""
-                    start = time.monotonic()
-                    proc.wait(timeout=timeout_s if ready else 0)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                finally:
-                    _kill_group(proc)
-                    proc.wait()
-                wall = time.monotonic() - start
-                isolation = json.loads(raw) if raw else {}
-                stdout, stderr = self._read(fout), self._read(ferr)
-            if isolation.get("refused") or (not isolation and proc.returncode == _REFUSED):
-                raise SandboxUnavailable(
-                    "refusing to run code: no network namespace could be created "
-                    f"({'; '.join(isolation.get('notes', [])) or stderr.strip()}); set "
-                    "sandbox.allow_network_fallback=True to run it with network access"
-                )
-            code = None if timed_out else proc.returncode
-            why = diagnose(code, stderr, timed_out) if raw else "setup_timeout"
-            return SandboxResult(code, stdout, stderr, timed_out, why, isolation, wall)
+                    done.set()
+
+            waiter = threading.Thread(target=wait_peer, daemon=True)
+            waiter.start()
+            try:
+                results[0] = launches[0].finish(stop=done)
+            finally:
+                waiter.join()
+            return results[0], results[1]  # type: ignore[return-value]
+        except SandboxUnavailable:
+            raise
+        except Exception as e:
+            return results[0] or _internal(e), results[1] or _internal(e)
+        finally:
+            for launch in launches:
+                launch.close()
