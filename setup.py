@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "openai"],
     },
     entry_points={"console_scripts": ["kat=kat_megatron.cli:main"]},
 )

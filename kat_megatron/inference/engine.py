@@ -26,6 +26,11 @@ sequence (a prompt token for prompts not yet consumed, else the token sampled la
   `torch.no_grad()`, not `inference_mode()`, so no inference tensor can reach a cache that a
   later training step reads.
 - Pipeline parallelism is not supported for rollouts (pp must be 1).
+- `generate(..., on_step=f)` (off by default) calls `f(events)` after every decode step with
+  `(index, token_id, logprob, finish_reason | None)` for each sequence that sampled a token in
+  that step (`index` into `prompts`; `finish_reason` set on a sequence's last token). It is a
+  local call on whichever rank passes it (`kat serve` streams through rank 0's): no collective,
+  so `f` must not raise and should be cheap (it runs inside the lockstep decode loop).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,6 +71,10 @@ log = logging.getLogger("kat")
 
 _CONTEXT_ROUND = 64
 """KV-cache lengths are rounded up to a multiple of this (fewer distinct rotary tables)."""
+
+StepEvent = tuple[int, int, float, str | None]
+"""`(index, token_id, logprob, finish_reason | None)`: one sequence's token of one decode step."""
+OnStep = Callable[[list[StepEvent]], None]
 
 
 class RolloutEngine:
@@ -127,7 +136,12 @@ class RolloutEngine:
 
     # ----------------------------------------------------------------------------- public API
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, seeds: list[int] | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        seeds: list[int] | None = None,
+        on_step: OnStep | None = None,
     ) -> list[Completion]:
         """Completions of `prompts` (token ids), in order; collective over the TP group.
 
@@ -135,6 +149,7 @@ class RolloutEngine:
         `seeds[i]` when given (e.g. the server: one seed per HTTP request and sample). With
         `params.seed=None` the engine's call counter provides the seed, identically on all ranks.
         A prompt leaves room for at most `max_sequence_length - len(prompt)` new tokens.
+        `on_step` receives each decode step's tokens as they are sampled (module docstring).
         """
         self._check_prompts(prompts)
         if seeds is not None and len(seeds) != len(prompts):
@@ -152,7 +167,7 @@ class RolloutEngine:
             for lo in range(0, len(order), self.max_batch_size):
                 idx = order[lo : lo + self.max_batch_size]
                 batch = self._generate_batch(
-                    [prompts[i] for i in idx], params, [seeds[i] for i in idx]
+                    [prompts[i] for i in idx], params, [seeds[i] for i in idx], on_step, idx
                 )
                 for i, completion in zip(idx, batch):
                     out[i] = completion
@@ -257,10 +272,17 @@ class RolloutEngine:
         return ids_b.tolist(), logprobs_b.float().tolist()
 
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        seeds: list[int],
+        on_step: OnStep | None = None,
+        index: list[int] | None = None,
     ) -> list[Completion]:
-        """One static batch (at most max_batch_size prompts, sorted by length)."""
+        """One static batch (at most max_batch_size prompts, sorted by length); `on_step` gets
+        `index[b]` for row b."""
         b_n = len(prompts)
+        index = list(range(b_n)) if index is None else index
         lens = [len(p) for p in prompts]
         limits = [min(params.max_new_tokens, self.max_sequence_length - n) for n in lens]
         total = max(n + k for n, k in zip(lens, limits))
@@ -300,6 +322,9 @@ class RolloutEngine:
                         done[b], finish[b] = True, "stop"
                     elif len(gen[b]) >= limits[b]:
                         done[b] = True
+                if on_step is not None:
+                    on_step([(index[b], gen[b][-1], logps[b][-1], finish[b] if done[b] else None)
+                             for b in active])  # fmt: skip
             if all(done):
                 break
             if not context.is_decode_only() and all(n <= end for n in lens):

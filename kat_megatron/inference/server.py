@@ -6,7 +6,7 @@ Endpoints (JSON; loopback by default, no authentication):
   `n` (1), `stop` (string or list), `stop_token_ids` (vLLM extension), `seed`, `logprobs`
   (any non-null value returns `tokens`, `token_logprobs` and `text_offset`; `top_logprobs` is
   null: alternatives are not computed), `ignore_eos`, `return_token_ids` (adds
-  `choices[i].token_ids`, as vLLM). `echo` and `stream` are refused.
+  `choices[i].token_ids`, as vLLM), `stream` (below). `echo` is refused.
 - `POST /v1/chat/completions`: `messages` rendered with the AutoThink chat template and its
   generation prompt; the reply `content` is the model's continuation after
   `<|im_start|>assistant\\n<judge>\\n`. With `continue_final_message: true` (vLLM's name) a final
@@ -14,6 +14,27 @@ Endpoints (JSON; loopback by default, no authentication):
   `logprobs: true` returns `choices[i].logprobs.content[j] = {token, logprob, bytes,
   top_logprobs: []}`. `max_tokens`/`max_completion_tokens` default to the context left.
 - `GET /v1/models`, `GET /health`.
+
+`stream: true` (either POST endpoint) answers `Content-Type: text/event-stream`, one
+`data: {chunk}\\n\\n` event per chunk and a final `data: [DONE]\\n\\n` (chunked transfer
+encoding). Chunks share the response's `id`, `created` and `model`; each holds one choice, and
+with `n > 1` (or several prompts) the choices' chunks interleave in index order, step by step.
+Completions: `object: text_completion`, `choices: [{index, text, logprobs, finish_reason}]`;
+chat: `object: chat.completion.chunk`, a first `delta: {role: assistant, content: ""}` per
+choice, then `delta.content` pieces (with `--reasoning-parser autothink`,
+`delta.reasoning_content` pieces, and `content` plus `autothink` in the choice's last delta).
+A choice's last chunk carries its `finish_reason`. `logprobs` / `return_token_ids` give each
+chunk its new tokens' entries.
+`stream_options: {include_usage: true}` adds `usage: null` to every chunk and one last chunk
+`{choices: [], usage}` equal to the non-streamed `usage`. Streaming is incremental: the engine's
+per-step callback (`on_step`) hands rank 0's HTTP thread every sampled token during the batch.
+The concatenated deltas equal the non-streamed `text` / `content` / `reasoning_content` for the
+same request and seed; text that the next tokens could still change (an incomplete UTF-8
+character, a possible start of a `stop` string, a partial tag) is held back, and the autothink
+`content` comes with the choice's last chunk (`streaming` says why). Errors found before
+generation (bad fields, the engine's checks) are HTTP 400 JSON before any event; a client that
+leaves mid-stream costs one log line (its generation runs to the end, unread).
+
 Generation stops at `<|im_end|>` and `<|endoftext|>` (unless `ignore_eos`), at `stop_token_ids`
 and at `stop` strings; the returned text excludes the stop token and is cut before a stop string
 (OpenAI semantics). Request `seed` s gives sample j the generator seed `request_seed(s, j)`, so a
@@ -41,6 +62,7 @@ from kat_megatron.data.autothink import (
 from kat_megatron.data.chat_template import render_chat, validate_messages
 from kat_megatron.inference.sampling import cut_at_stop, request_seed
 from kat_megatron.inference.service import LockstepService, ServiceStopped
+from kat_megatron.inference.streaming import StreamResponse, send_stream
 from kat_megatron.inference.types import Completion, SamplingParams
 from kat_megatron.utils.http import send_json
 
@@ -79,6 +101,9 @@ class Request:
     token_ids: bool = False
     prefill: str = ""
     """Answer text already in the prompt (a forced mode's prefix) for the reasoning parser."""
+    stream: bool = False
+    include_usage: bool = False
+    """`stream_options.include_usage`: a last chunk with `usage` (and `usage: null` before)."""
 
 
 class OpenAIProtocol:
@@ -146,9 +171,11 @@ class OpenAIProtocol:
         """Validate `body`; raise BadRequest naming the field on bad input."""
         if not isinstance(body, dict):
             raise BadRequest("expected a JSON object")
-        for name in ("stream", "echo"):
-            if body.get(name):
-                raise BadRequest(f"{name}: not supported by kat serve")
+        if body.get("echo"):
+            raise BadRequest("echo: not supported by kat serve")
+        stream = _field(body, "stream", bool, False)
+        options = _field(body, "stream_options", dict, {}) if stream else {}
+        include_usage = _field(options, "include_usage", bool, False)
         prompts = self._prompts(body, chat)
         for p in prompts:
             if not p or len(p) >= self.max_sequence_length:
@@ -191,9 +218,10 @@ class OpenAIProtocol:
             [p for p in prompts for _ in range(n)], n, params, seeds, chat_lp, chat,
             token_ids=bool(body.get("return_token_ids")),
             prefill=forced_mode_prefix(mode) if mode else "",
+            stream=stream, include_usage=include_usage,
         )  # fmt: skip
 
-    def _finish(self, c: Completion, params: SamplingParams) -> tuple[list[int], str]:
+    def visible(self, c: Completion, params: SamplingParams) -> tuple[list[int], str]:
         """Token ids and text the client sees: no final stop token, cut before stop strings."""
         ids = c.token_ids
         if c.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids:
@@ -201,20 +229,24 @@ class OpenAIProtocol:
         text = cut_at_stop(self.tokenizer.decode(ids), params.stop_strings)
         return ids, text
 
-    def _logprobs(self, c: Completion, ids: list[int], chat: bool) -> dict:
+    def logprobs(
+        self, ids: list[int], logprobs: list[float], chat: bool, at: int = 0
+    ) -> tuple[dict, int]:
+        """The `logprobs` object of tokens `ids` (their text offsets counted from `at`), and the
+        offset after them (a stream's chunks continue from it)."""
         pieces = [self.tokenizer.decode([i]) for i in ids]
         if chat:
             content = [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
-                        "top_logprobs": []} for t, lp in zip(pieces, c.logprobs)]  # fmt: skip
-            return {"content": content}
-        offsets, at = [], 0
+                        "top_logprobs": []} for t, lp in zip(pieces, logprobs)]  # fmt: skip
+            return {"content": content}, at
+        offsets = []
         for t in pieces:
             offsets.append(at)
             at += len(t)
-        return {"tokens": pieces, "token_logprobs": c.logprobs[: len(ids)],
-                "top_logprobs": None, "text_offset": offsets}  # fmt: skip
+        return {"tokens": pieces, "token_logprobs": logprobs[: len(ids)],
+                "top_logprobs": None, "text_offset": offsets}, at  # fmt: skip
 
-    def _message(self, text: str) -> dict[str, Any]:
+    def message(self, text: str) -> dict[str, Any]:
         """The assistant message; with the autothink reasoning parser (as vLLM's
         `--reasoning-parser`), `content` is the answer, `reasoning_content` the think text, and
         `autothink` holds the judge, the mode and whether the strict parser accepted it."""
@@ -233,30 +265,38 @@ class OpenAIProtocol:
         """The OpenAI response object for `req`'s completions."""
         choices = []
         for i, c in enumerate(outs):
-            ids, text = self._finish(c, req.params)
+            ids, text = self.visible(c, req.params)
             choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason}
             if req.chat:
-                choice["message"] = self._message(req.prefill + text)
+                choice["message"] = self.message(req.prefill + text)
             else:
                 choice["text"] = text
-            choice["logprobs"] = self._logprobs(c, ids, req.chat) if req.logprobs else None
+            lp = self.logprobs(ids, c.logprobs, req.chat)[0] if req.logprobs else None
+            choice["logprobs"] = lp
             if req.token_ids:
                 choice["token_ids"] = ids
             choices.append(choice)
-        prompt_tokens = sum(len(p) for p in req.prompts[:: req.n])
-        completion_tokens = sum(len(c.token_ids) for c in outs)
         return {
-            "id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "id": self.response_id(req.chat),
             "object": "chat.completion" if req.chat else "text_completion",
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },  # fmt: skip
+            "usage": self.usage(req, outs),
         }
+
+    @staticmethod
+    def response_id(chat: bool) -> str:
+        return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+    @staticmethod
+    def usage(req: Request, outs: list[Completion]) -> dict[str, int]:
+        """Prompt tokens (once per prompt, not per sample) and generated tokens (stop tokens
+        included), as the non-streamed response and a stream's usage chunk report them."""
+        prompt_tokens = sum(len(p) for p in req.prompts[:: req.n])
+        completion_tokens = sum(len(c.token_ids) for c in outs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
@@ -298,6 +338,10 @@ def make_server(host: str, port: int, protocol: OpenAIProtocol, service: Lockste
                 req = protocol.parse(
                     json.loads(raw or b"null"), chat=path.endswith("/chat/completions")
                 )
+                if req.stream:
+                    send_stream(self, service.stream(req.prompts, req.params, req.seeds),
+                                StreamResponse(protocol, req))  # fmt: skip
+                    return
                 outs = service.submit(req.prompts, req.params, req.seeds)
                 self._send(200, protocol.response(req, outs))
             except json.JSONDecodeError as err:

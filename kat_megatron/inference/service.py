@@ -9,6 +9,10 @@ When idle, rank 0 broadcasts an empty batch every `heartbeat_s` so that the othe
 never reach the process group's timeout. `request_stop()` (safe in a signal handler: it only
 sets a flag) makes rank 0 finish the batch in progress, fail queued work, broadcast "stop", and
 every rank's `run()` return.
+
+`stream(...)` is `submit` for `stream: true`: rank 0 passes the engine an `on_step` callback (a
+local call, no collective; the other ranks pass none) that puts each decode step's tokens on the
+job's queue, and the HTTP thread iterates them while the batch is still decoding.
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from kat_megatron.inference.types import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from kat_megatron.inference.engine import StepEvent
 
 log = logging.getLogger("kat")
 
@@ -40,6 +49,40 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Completion] | None = None
     error: BaseException | None = None
+    events: queue.Queue | None = None
+    """Streamed jobs: each step's `StepEvent`s (indices local to the job), then None at the end."""
+
+    def finish(self, result: list[Completion] | None = None, error: BaseException | None = None):
+        self.result, self.error = result, error
+        self.done.set()
+        if self.events is not None:
+            self.events.put(None)
+
+
+class Stream:
+    """A streamed job (`LockstepService.stream`): iterate for lists of `StepEvent`s as they are
+    sampled; once iteration ends, `completions` holds the finished `Completion`s. Iteration
+    raises the job's error (ValueError, ServiceStopped) instead, before yielding anything."""
+
+    def __init__(self, service: LockstepService, job: _Job) -> None:
+        self._service, self._job = service, job
+        self.completions: list[Completion] | None = None
+
+    def __iter__(self) -> Iterator[list[StepEvent]]:
+        job = self._job
+        while True:
+            try:
+                events = job.events.get(timeout=0.5)
+            except queue.Empty:
+                if self._service.closed and not job.done.is_set():
+                    raise ServiceStopped("server is shutting down") from None
+                continue
+            if events is None:
+                break
+            yield events
+        if job.error is not None:
+            raise job.error
+        self.completions = job.result
 
 
 def _params_key(params: SamplingParams) -> str:
@@ -71,16 +114,24 @@ class LockstepService:
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):
         """Rank 0, any thread: run `generate(prompts, params, seeds=seeds)`; blocks for it."""
-        if self.stop_requested:
-            raise ServiceStopped("server is shutting down")
-        job = _Job(prompts, params, seeds)
-        self._queue.put(job)
+        job = self._enqueue(_Job(prompts, params, seeds))
         while not job.done.wait(0.5):
             if self.closed:  # queued after rank 0's last look at the queue
                 raise ServiceStopped("server is shutting down")
         if job.error is not None:
             raise job.error
         return job.result
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> Stream:
+        """Rank 0, any thread: queue the same work as `submit` and return at once; iterate the
+        `Stream` for its tokens step by step (see the module docstring)."""
+        return Stream(self, self._enqueue(_Job(prompts, params, seeds, events=queue.Queue())))
+
+    def _enqueue(self, job: _Job) -> _Job:
+        if self.stop_requested:
+            raise ServiceStopped("server is shutting down")
+        self._queue.put(job)
+        return job
 
     def run(self) -> None:
         """Every rank: serve until a stop (rank 0 decides it; the others follow)."""
@@ -117,8 +168,7 @@ class LockstepService:
             jobs = [] if self.stop_requested else self._take()
             if self.stop_requested:
                 for job in jobs:
-                    job.error = ServiceStopped("server is shutting down")
-                    job.done.set()
+                    job.finish(error=ServiceStopped("server is shutting down"))
                 self._broadcast(("stop", []))
                 return
             if not jobs and time.monotonic() - last < self.heartbeat_s:
@@ -137,18 +187,16 @@ class LockstepService:
 
     def _run_group(self, jobs: list[_Job], prompts, params, seeds) -> None:
         try:
-            out = self.engine.generate(prompts, params, seeds=seeds)
+            out = self.engine.generate(prompts, params, seeds=seeds, on_step=_on_step(jobs))
         except ValueError as err:  # raised before any collective, identically on every rank
             for job in jobs:
-                job.error = err
-                job.done.set()
+                job.finish(error=err)
             return
         self.batches += 1
         at = 0
         for job in jobs:
-            job.result = out[at : at + len(job.prompts)]
+            job.finish(result=out[at : at + len(job.prompts)])
             at += len(job.prompts)
-            job.done.set()
 
     def _follow(self) -> None:
         while True:
@@ -168,5 +216,28 @@ class LockstepService:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            job.error = ServiceStopped("server is shutting down")
-            job.done.set()
+            job.finish(error=ServiceStopped("server is shutting down"))
+
+
+def _on_step(jobs: list[_Job]):
+    """The engine callback of one merged `generate` call: each streamed job's events, re-indexed
+    to its own prompts, onto its queue; None when no job streams. Never raises: an exception
+    here would leave rank 0's decode loop while the other ranks' continue."""
+    owners = [(job, i) for job in jobs for i in range(len(job.prompts))]
+    if not any(job.events is not None for job in jobs):
+        return None
+
+    def on_step(events: list[StepEvent]) -> None:
+        try:
+            per_job: dict[int, list[StepEvent]] = {}
+            for index, token, logprob, finish in events:
+                job, local = owners[index]
+                if job.events is not None:
+                    per_job.setdefault(id(job), []).append((local, token, logprob, finish))
+            for job in jobs:
+                if id(job) in per_job:
+                    job.events.put(per_job[id(job)])
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("kat serve: streaming callback failed; the batch carries on")
+
+    return on_step

@@ -152,7 +152,7 @@ def test_n_seed_and_concurrent_batching(server):
 def test_bad_requests(server):
     _, url, _, _ = server
     assert _post(url, "/completions", {"prompt": "x", "max_tokens": 0}).status_code == 400
-    assert _post(url, "/completions", {"prompt": "x", "stream": True}).status_code == 400
+    assert _post(url, "/completions", {"prompt": "x", "echo": True}).status_code == 400
     assert _post(url, "/chat/completions", {"messages": [{"role": "bot"}]}).status_code == 400
     long = _post(url, "/completions", {"prompt": [5] * 192})
     assert long.status_code == 400 and "prompt" in long.json()["error"]["message"]
