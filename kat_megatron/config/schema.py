@@ -76,6 +76,11 @@ class ModelConfig:
     # --- Kernels ---
     backend: str = "auto"
     """`te` (Transformer Engine), `local` (Megatron-Core torch layers) or `auto` (te if usable)."""
+    attention: str = "sdpa"
+    """Core attention of the local backend: `sdpa` (torch's scaled_dot_product_attention, fused
+    kernels where torch has them; docs/attention.md) or `unfused` (Megatron-Core's
+    DotProductAttention, the full score matrix: the reference). Ignored with backend te
+    (Transformer Engine chooses its own fused attention)."""
     fp8: str | None = None
     """None, `hybrid` or `e4m3` (needs backend te and CUDA)."""
     fp8_recipe: str = "delayed"
@@ -107,6 +112,7 @@ class ModelConfig:
         _choice(s, "normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _choice(s, "activation", self.activation, ("swiglu", "gelu"))
         _choice(s, "backend", self.backend, ("auto", "te", "local"))
+        _choice(s, "attention", self.attention, ("sdpa", "unfused"))
         _choice(s, "fp8", self.fp8, (None, "hybrid", "e4m3"))
         _choice(s, "fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "blockwise"))
         _choice(

@@ -177,7 +177,7 @@ def build_model(
         vp_stage = vp if parallel.vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        block = decoder_block_spec(config, use_te, vp_stage=vp_stage)
+        block = decoder_block_spec(config, use_te, vp_stage=vp_stage, attention=model.attention)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=block,
@@ -188,7 +188,9 @@ def build_model(
             share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_base=int(model.rotary_base),
-            mtp_block_spec=mtp_block_spec(config, block, use_te, vp_stage=vp_stage),
+            mtp_block_spec=mtp_block_spec(
+                config, block, use_te, vp_stage=vp_stage, attention=model.attention
+            ),
             vp_stage=vp_stage,
         )
         if torch.cuda.is_available():

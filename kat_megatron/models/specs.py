@@ -1,9 +1,11 @@
-"""Layer specs for kat models: `kat train cfg.yaml model.backend=te|local`.
+"""Layer specs for kat models: `kat train cfg.yaml model.backend=te|local model.attention=sdpa`.
 
 Megatron-Core's `BackendSpecProvider` is the extension point. On GPUs with Transformer Engine we
 use Megatron-Core's TE provider unchanged. Without TE we use `KatLocalSpecProvider`: Megatron-Core's
 local (torch) layers, except that the norm is a torch norm that supports sequence parallelism
-(Megatron-Core's `WrappedTorchNorm` refuses it, yet MoE with TP>1 requires it).
+(Megatron-Core's `WrappedTorchNorm` refuses it, yet MoE with TP>1 requires it), and the core
+attention is `model.attention`: `sdpa` (`models/attention.py`, torch's fused SDPA kernels) or
+`unfused` (Megatron-Core's `DotProductAttention`, the reference).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_mlp_module_spec_for_backend,
 )
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -30,6 +33,11 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
+
+from kat_megatron.models.attention import SDPAttention
+
+CORE_ATTENTION = {"sdpa": SDPAttention, "unfused": DotProductAttention}
+"""`model.attention` -> the local backend's core attention module."""
 
 
 class KatTorchNorm:
@@ -63,15 +71,28 @@ class KatTorchNorm:
 
 
 class KatLocalSpecProvider(LocalSpecProvider):
-    """Megatron-Core's local provider with a sequence-parallel-capable torch norm."""
+    """Megatron-Core's local provider with a sequence-parallel-capable torch norm and the core
+    attention named by `attention` (`CORE_ATTENTION`)."""
+
+    def __init__(self, attention: str = "sdpa") -> None:
+        super().__init__()
+        if attention not in CORE_ATTENTION:
+            raise ValueError(f"model.attention={attention!r}: expected one of "
+                             f"{list(CORE_ATTENTION)}")  # fmt: skip
+        self.attention = attention
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return KatTorchNorm
 
+    def core_attention(self) -> type:
+        return CORE_ATTENTION[self.attention]
 
-def _local_layer_spec(num_experts: int | None, qk_layernorm: bool = False) -> ModuleSpec:
+
+def _local_layer_spec(
+    num_experts: int | None, qk_layernorm: bool = False, attention: str = "sdpa"
+) -> ModuleSpec:
     """A transformer layer of local modules (the shape of Megatron-Core's local GPT layer)."""
-    backend = KatLocalSpecProvider()
+    backend = KatLocalSpecProvider(attention)
     norm = backend.layer_norm(rms_norm=True)
     qk_norm = backend.layer_norm(rms_norm=True, for_qk=True) if qk_layernorm else IdentityOp
     mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=num_experts)
@@ -118,9 +139,13 @@ def moe_layer_pattern(config: TransformerConfig) -> list[int]:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, use_te: bool, vp_stage: int | None = None
+    config: TransformerConfig,
+    use_te: bool,
+    vp_stage: int | None = None,
+    attention: str = "sdpa",
 ) -> TransformerBlockSubmodules:
-    """The decoder block spec for this pipeline stage (and virtual stage)."""
+    """The decoder block spec for this pipeline stage (and virtual stage); `attention` is the
+    local backend's core attention (`model.attention`; TE picks its own)."""
     if use_te:
         return get_gpt_decoder_block_spec(
             config,
@@ -129,8 +154,9 @@ def decoder_block_spec(
             vp_stage=vp_stage,
         )
     qk = config.qk_layernorm
-    dense = _local_layer_spec(None, qk)
-    moe = _local_layer_spec(config.num_moe_experts, qk) if config.num_moe_experts else None
+    dense = _local_layer_spec(None, qk, attention)
+    experts = config.num_moe_experts
+    moe = _local_layer_spec(experts, qk, attention) if experts else None
     specs = (
         [moe if p else dense for p in moe_layer_pattern(config)]
         if moe
@@ -148,6 +174,7 @@ def mtp_block_spec(
     block: TransformerBlockSubmodules,
     use_te: bool,
     vp_stage: int | None = None,
+    attention: str = "sdpa",
 ):
     """MTP block spec (None when this stage builds no MTP layer or MTP is off)."""
     if not config.mtp_num_layers:
@@ -157,12 +184,13 @@ def mtp_block_spec(
 
         backend = TESpecProvider()
     else:
-        backend = KatLocalSpecProvider()
+        backend = KatLocalSpecProvider(attention)
     # The MTP layer copies the decoder's last layer spec; use a full-model one so that a stage
     # without decoder layers still has a spec to copy.
-    last = _local_layer_spec(None, config.qk_layernorm) if not use_te else block.layer_specs[-1]
+    qk = config.qk_layernorm
+    last = _local_layer_spec(None, qk, attention) if not use_te else block.layer_specs[-1]
     if not use_te and config.num_moe_experts and moe_layer_pattern(config)[-1]:
-        last = _local_layer_spec(config.num_moe_experts, config.qk_layernorm)
+        last = _local_layer_spec(config.num_moe_experts, qk, attention)
     return get_gpt_mtp_block_spec_for_backend(
         config=config, spec=last, backend=backend, vp_stage=vp_stage
     )

@@ -14,7 +14,8 @@ Per layer (bytes / beta): norms keep their input (local RMSNorm also its normali
 torch's composite RMSNorm); every linear layer keeps its input (QKV and FC1 keep the T' shard
 and re-gather it in backward); attention keeps q, k, v and its output (`te`: fused/flash attention,
 no s^2 term; `local`: Megatron's unfused DotProductAttention, which expands k and v to a heads
-and keeps the b*a*s^2 softmax); SwiGLU keeps the FC1 output (2f/TP), silu(x), the gated input
+and keeps the b*a*s^2 softmax; with `model.attention: sdpa`, torch's fused SDPA: no s^2 term,
+as under TE); SwiGLU keeps the FC1 output (2f/TP), silu(x), the gated input
 and the product (3f/TP). MoE layers (alltoall dispatcher, dropless): each rank runs
 N = T' * top_k * ETP * load tokens through its local experts (a balanced router gives load 1;
 `moe_load_factor` is the assumed max/mean tokens per expert rank) and keeps their input (N*h) and
@@ -89,6 +90,14 @@ def _attention(model: ModelConfig, layout: Layout, opts: ActivationOptions) -> d
             out["attn_softmax_stats"] = opts.micro_batch * a * opts.seq_len / layout.cp * 4
         return out
     s = opts.seq_len  # the local backend has no context parallelism
+    if getattr(model, "attention", "unfused") == "sdpa":
+        # torch SDPA (models/attention.py): grouped k/v unexpanded, no s^2 term; its fused
+        # kernel keeps the output and fp32 log-sum-exp statistics; local RoPE keeps its tables.
+        out["attn_qkv"] = t * ((a + 2 * g) + (a + g)) * d * b
+        if opts.recompute == "none":
+            out["attn_softmax_stats"] = opts.micro_batch * a * s * 4
+            out["rope"] = 4 * s * d * b
+        return out
     if opts.recompute == "none" and a > g:  # GQA: q, k and v expanded to `a` heads
         out["attn_qkv"] = 3 * t * a * d * b
     else:  # rotated q, k and the QKV output kept alive by v (a view of it: MHA, or recompute)
@@ -216,7 +225,7 @@ def _workspace(model: ModelConfig, layout: Layout, opts: ActivationOptions, last
     """Persistent buffers plus the largest transient of a backward pass.
 
     Transients: the gradient of a layer's widest tensor and its partner (2x the FC1 output, dense
-    or expert); `local` attention's softmax backward (gradients of probabilities and scores,
+    or expert); `local` unfused attention's softmax backward (gradients of probabilities and scores,
     2 x b*a*s^2); on the last stage with 16-bit activations, the logits beside their fp32 copy.
     """
     sh = _shape(layout, opts)
@@ -231,7 +240,7 @@ def _workspace(model: ModelConfig, layout: Layout, opts: ActivationOptions, last
         ffn_e = (model.moe_ffn_hidden_size or model.ffn_hidden_size) / layout.etp_size
         transient.append(2 * routed * max(2 * ffn_e, model.hidden_size) * sh.beta)
     persistent = 0.0
-    if opts.backend == "local":
+    if opts.backend == "local" and getattr(model, "attention", "unfused") != "sdpa":
         scores = opts.micro_batch * a * opts.seq_len**2 * sh.beta
         persistent = scores  # Megatron's global memory buffer for the attention scores
         transient.append(2 * scores)

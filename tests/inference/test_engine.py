@@ -175,7 +175,9 @@ def test_stop_token_ids_end_generation_and_are_kept(engine, greedy):
     (out,) = engine.generate([c.prompt_ids], SamplingParams(**{**GREEDY.__dict__,
                                                               "stop_token_ids": [stop]}))  # fmt: skip
     assert out.token_ids == c.token_ids[: first + 1] and out.finish_reason == "stop"
-    assert out.logprobs == pytest.approx(c.logprobs[: first + 1], abs=1e-6)
+    assert out.logprobs == pytest.approx(
+        c.logprobs[: first + 1], abs=1e-5
+    )  # alone vs batched: fp32 rounding (measured 1.2e-6)
 
 
 def test_stop_strings_cut_after_the_completing_token(engine, greedy):

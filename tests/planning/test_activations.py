@@ -98,10 +98,11 @@ def measure_peak(model_cfg: ModelConfig, seq: int) -> tuple[int, int]:
     return mode.peak, sum(saved.values())
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "unfused"])
 @pytest.mark.parametrize("seq", [256, 1024])
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
-def test_activation_estimate_within_30_percent(one_rank, preset, seq):
-    model = ModelConfig(**get_preset(preset))
+def test_activation_estimate_within_30_percent(one_rank, preset, seq, attention):
+    model = ModelConfig(**get_preset(preset), attention=attention)
     peak, saved = measure_peak(model, seq)
     opts = ActivationOptions(seq_len=seq, micro_batch=MICRO_BATCH, act_bytes=4, backend="local")
     est = activation_memory(model, Layout(), 0, 1, opts)
