@@ -502,6 +502,9 @@ class RLConfig:
     """Sequences the rollout engine decodes at once."""
     log_rollouts: int = 2
     """Rollouts per step written (text, rewards) to `<run.dir>/rollouts.jsonl`."""
+    max_reward_error_rate: float | None = None
+    """Stop the run when a step's `reward_error_rate` (rewards that failed for an internal
+    reason, e.g. the code sandbox, over every rollout scored) exceeds this; None: never."""
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs",
@@ -517,6 +520,9 @@ class RLConfig:
         for name in RL_SUBSECTIONS:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"rl.{name}: expected a mapping, got {getattr(self, name)!r}")
+        rate = self.max_reward_error_rate
+        if rate is not None and (isinstance(rate, bool) or not 0 <= rate <= 1):
+            raise ValueError(f"rl.max_reward_error_rate={rate!r}: expected None or in [0, 1]")
 
 
 @dataclass

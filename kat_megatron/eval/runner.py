@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 from kat_megatron.data.autothink import (
@@ -43,14 +42,18 @@ from kat_megatron.data.autothink import (
     parse_lenient,
 )
 from kat_megatron.data.chat_template import render_chat
+from kat_megatron.eval.datasets import (  # noqa: F401 (DEFAULT_CATEGORY, EvalPrompt: re-exported)
+    DEFAULT_CATEGORY,
+    EvalDataConfig,
+    EvalPrompt,
+    load_eval_data,
+)
 from kat_megatron.eval.metrics import SampleResult
 from kat_megatron.inference.types import Completion, SamplingParams
-from kat_megatron.utils.io import json_line
 
 log = logging.getLogger("kat")
 
 EVAL_MODES = ("auto", *MODES)
-DEFAULT_CATEGORY = "default"
 FORCED_JUDGES = ("model", "prefill")
 
 
@@ -58,18 +61,6 @@ class TextEngine(Protocol):
     """What evaluation needs of a generator (`kat_megatron.inference.engine.RolloutEngine` fits)."""
 
     def generate_text(self, prompts: list[str], params: SamplingParams) -> list[Completion]: ...
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    """One prompt of the evaluation set (`line`: 1-based line number in its file)."""
-
-    id: str
-    category: str
-    messages: list[dict[str, str]]
-    reference: Any
-    verifier: str
-    line: int = 0
 
 
 @dataclass
@@ -126,59 +117,16 @@ def stop_ids(tokenizer: Any) -> list[int]:
     return [vocab[t] for t in END_TOKENS if t in vocab]
 
 
-def _prompt(obj: Any, line: int, default_verifier: str) -> EvalPrompt:
-    from kat_megatron.data.pipelines.io import prompt_messages
-    from kat_megatron.verifiers import VERIFIERS, get_verifier
-
-    messages = prompt_messages(obj)
-    if obj.get("reference") is None:
-        raise ValueError("missing 'reference' (the answer the verifier checks against)")
-    verifier = obj.get("verifier", default_verifier)
-    if verifier not in VERIFIERS:
-        raise ValueError(f"unknown verifier {verifier!r}; known: {sorted(VERIFIERS)}")
-    check = getattr(get_verifier(verifier), "validate_reference", None)
-    if check is not None:
-        check(obj["reference"])
-    rid = obj.get("id", f"line-{line}")
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise ValueError(f"'id' must be a string or integer, got {rid!r}")
-    category = obj.get("category", DEFAULT_CATEGORY)
-    if not isinstance(category, str) or not category:
-        raise ValueError(f"'category' must be a non-empty string, got {category!r}")
-    return EvalPrompt(str(rid), category, messages, obj["reference"], verifier, line)
-
-
 def load_prompts(
-    path: str | os.PathLike, default_verifier: str = "exact_match"
+    data: str | os.PathLike | EvalDataConfig, default_verifier: str = "exact_match"
 ) -> list[EvalPrompt]:
-    """Prompts of a JSONL file; any bad line (blank lines aside) raises ValueError naming
-    `file:line` and the reason (up to 10 lines are listed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data: {path} not found")
-    prompts, problems, seen = [], [], {}
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                obj = json_line(raw)
-                if obj is None:
-                    continue
-                p = _prompt(obj, n, default_verifier)
-                if p.id in seen:
-                    raise ValueError(f"duplicate id {p.id!r} (first on line {seen[p.id]})")
-            except (ValueError, UnicodeDecodeError) as err:
-                problems.append(f"{path}:{n}: {err}")
-                continue
-            seen[p.id] = n
-            prompts.append(p)
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(
-            f"{len(problems)} bad line(s) in {path}:\n  " + "\n  ".join(problems[:10]) + more
-        )
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
+    """Prompts of `data`: a path (JSONL of prompt records, or a standard set read with its own
+    column names) or an `EvalDataConfig` (whose `verifier` then replaces `default_verifier`);
+    see `kat_megatron/eval/datasets.py`. In a JSONL of prompt records any bad line (blank lines
+    aside) raises ValueError naming `file:line` and the reason (up to 10 lines are listed)."""
+    if not isinstance(data, EvalDataConfig):
+        data = EvalDataConfig(data, verifier=default_verifier)
+    return load_eval_data(data)
 
 
 def mode_prefix(mode: str, judge: str | None = None) -> str:

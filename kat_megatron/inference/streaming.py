@@ -45,7 +45,6 @@ from kat_megatron.inference.types import Completion
 
 if TYPE_CHECKING:
     from kat_megatron.inference.engine import StepEvent
-    from kat_megatron.inference.server import OpenAIProtocol, Request
     from kat_megatron.inference.service import Stream
 
 log = logging.getLogger("kat")
@@ -185,7 +184,8 @@ class StreamResponse:
     step's `StepEvent`s (indices into `req.prompts`, i.e. choice indices), then `end(outs)`
     with the finished completions; each returns a list of chunk objects (JSON-ready dicts)."""
 
-    def __init__(self, protocol: OpenAIProtocol, req: Request) -> None:
+    def __init__(self, protocol: Any, req: Any) -> None:
+        # server.OpenAIProtocol and server.Request (not imported: server imports this module)
         self.protocol, self.req = protocol, req
         self.id = protocol.response_id(req.chat)
         self.created = int(time.time())

@@ -16,6 +16,16 @@ A rollout is the model's continuation after the generation prompt `...assistant\
   `-truncation_penalty` instead.
 `answer_reward = sum_k weights[k] * component_k` is Step-SRPO's step-2 (answer) reward.
 
+Internal failures (issue 17: never silently scored as 0 or 1). A component that cannot compute
+its value for a reason that is not the rollout's fault raises `RewardError`; `score_rollout` then
+returns a score with `error` set (the failed component and `answer_reward` are 0.0 placeholders)
+and the trainer counts it and drops its group (docs/rl_trainer.md). For `correctness` that is a
+`VerifyResult.error` (the sandbox could not start, the harness broke) or any exception the
+verifier raises except two, which propagate and stop the run because no count can fix them:
+`ValueError` (the verifiers' contract for an invalid reference or metadata: a data error) and
+`SandboxUnavailable` (no safe sandbox on this machine: a set-up error). Any other exception from
+a component is a bug in it and propagates too.
+
 The step-1 (`mode`) reward is group-level: `mode_evidence` reads the group's pass rates per mode
 (plus optional forced-mode probes) and `mode_rewards` gives +1 / -1 per rollout (see
 `kat_megatron.rl.advantages` and docs/step_srpo.md). Its weight is `AdvantageConfig.mode_weight`,
@@ -30,6 +40,7 @@ from typing import Any
 
 from kat_megatron.data.autothink import GENERATION_PREFIX, MODES, LenientParse, parse_lenient
 from kat_megatron.verifiers import Verifier, get_verifier
+from kat_megatron.verifiers.sandbox import SandboxUnavailable
 
 
 @dataclass
@@ -102,10 +113,20 @@ class RolloutScore:
     components: dict[str, float] = field(default_factory=dict)
     forced: bool = False
     """A forced-mode rollout (mode prefilled): evidence for the mode reward only."""
+    error: str | None = None
+    """Set when a component failed for an internal reason (`RewardError`, e.g. the code
+    sandbox could not run): `correct` / `answer_reward` are then 0.0 placeholders, not a
+    judgement; never train on it or count it as evidence."""
+
+
+class RewardError(Exception):
+    """A reward component could not compute its value for an internal reason (verifier
+    machinery, sandbox, harness): `score_rollout` records it as `RolloutScore.error`."""
 
 
 RewardComponent = Callable[[RolloutContext, RewardConfig], float]
 REWARD_COMPONENTS: dict[str, RewardComponent] = {}
+"""Component name -> `fn(ctx, cfg) -> float`; `fn` raises `RewardError` for an internal failure."""
 
 
 def register_reward(name: str) -> Callable[[RewardComponent], RewardComponent]:
@@ -137,12 +158,23 @@ def _verifier(name: str) -> Verifier:
 
 @register_reward("correctness")
 def correctness_reward(ctx: RolloutContext, cfg: RewardConfig) -> float:
-    """The prompt's verifier on the leniently parsed answer (0/1, or its score)."""
+    """The prompt's verifier on the leniently parsed answer (0/1, or its score). `RewardError`
+    when the verifier reports an internal `error` or raises (except `ValueError`, an invalid
+    reference, and `SandboxUnavailable`, which propagate: see the module doc)."""
     if "verifier" not in ctx.meta or "reference" not in ctx.meta:
         raise ValueError(f"prompt metadata needs 'verifier' and 'reference'; got {ctx.meta}")
     if not ctx.parsed.answer:
         return 0.0
-    result = _verifier(ctx.meta["verifier"])(ctx.parsed.answer, ctx.meta["reference"])
+    name = ctx.meta["verifier"]
+    verifier = _verifier(name)  # an unknown name is a ValueError (data)
+    try:
+        result = verifier(ctx.parsed.answer, ctx.meta["reference"])
+    except (ValueError, SandboxUnavailable):
+        raise
+    except Exception as err:
+        raise RewardError(f"verifier {name!r} raised {type(err).__name__}: {err}") from err
+    if result.error is not None:
+        raise RewardError(f"verifier {name!r}: {result.error}")
     return float(result.score) if cfg.partial_credit else float(result.correct)
 
 
@@ -177,13 +209,22 @@ def score_rollout(
     forced_mode: str | None = None,
 ) -> RolloutScore:
     """Score one rollout. `response_text` is the continuation after the generation prompt; for a
-    forced-mode rollout pass `forced_mode_prefix(mode) + continuation` and `forced_mode=mode`."""
+    forced-mode rollout pass `forced_mode_prefix(mode) + continuation` and `forced_mode=mode`.
+    A component's `RewardError` gives a score with `error` = "<component>: <message>" (the first
+    one), that component and `answer_reward` 0.0 placeholders; other exceptions propagate."""
     if forced_mode is not None and forced_mode not in MODES:
         raise ValueError(f"forced_mode: expected one of {MODES} or None, got {forced_mode!r}")
     text = GENERATION_PREFIX + response_text
     ctx = RolloutContext(text, parse_lenient(text), num_tokens, finish_reason, dict(meta))
-    components = {name: float(fn(ctx, cfg)) for name, fn in REWARD_COMPONENTS.items()}
-    answer_reward = sum(w * components[name] for name, w in cfg.weights.items())
+    components: dict[str, float] = {}
+    errors: list[str] = []
+    for name, fn in REWARD_COMPONENTS.items():
+        try:
+            components[name] = float(fn(ctx, cfg))
+        except RewardError as err:
+            components[name] = 0.0  # placeholder: the score carries `error`
+            errors.append(f"{name}: {err}")
+    answer_reward = 0.0 if errors else sum(w * components[n] for n, w in cfg.weights.items())
     return RolloutScore(
         mode=forced_mode or ctx.parsed.mode,
         correct=components["correctness"],
@@ -192,6 +233,7 @@ def score_rollout(
         answer_reward=float(answer_reward),
         components=components,
         forced=forced_mode is not None,
+        error=errors[0] if errors else None,
     )
 
 
@@ -215,10 +257,11 @@ class ModeEvidence:
 def mode_evidence(
     scores: Sequence[RolloutScore], probes: Sequence[RolloutScore] = (), delta: float = 0.0
 ) -> ModeEvidence:
-    """Mean correctness per mode over the group's rollouts plus the probes (evidence only)."""
+    """Mean correctness per mode over the group's rollouts plus the probes (evidence only);
+    scores with an `error` are no evidence and are left out."""
     rates: dict[str, float | None] = {}
     for mode in MODES:
-        got = [s.correct for s in (*scores, *probes) if s.mode == mode]
+        got = [s.correct for s in (*scores, *probes) if s.mode == mode and s.error is None]
         rates[mode] = sum(got) / len(got) if got else None
     p_on, p_off = rates["think_on"], rates["think_off"]
     if p_on is None or p_off is None:

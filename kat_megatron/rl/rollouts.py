@@ -14,6 +14,12 @@ TP group scores (verifiers, possibly a code sandbox) and broadcasts the scores t
 - Dynamic sampling (`rl.dynamic_sampling`): groups without signal (`advantages.has_signal`)
   are dropped and up to `max_refill_rounds` more rounds draw the missing number of prompts;
   the first `prompts_per_step` groups with signal in draw order are trained on.
+- Reward errors (`RolloutScore.error`: a verifier failed for an internal reason): a group with
+  an errored rollout is dropped whole before its advantages (no advantages, no probes; the
+  group size stays G), is never trained on and, with dynamic sampling, is refilled like a group
+  without signal; an errored probe is no mode evidence. The errors are counted in the step's
+  metrics (`reward_errors`, `reward_error_rate`, `groups/errored`). Scores (error strings
+  included) reach the other TP ranks by `broadcast_object_list`, i.e. pickled whole.
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ class Group:
     probes: list[RolloutScore] = field(default_factory=list)
     ref_logprobs: list[list[float]] | None = None
     adv: GroupAdvantages | None = None
+    """None until `_advantages`, and for a dropped group (`reward_error`)."""
+
+    @property
+    def reward_error(self) -> str | None:
+        """The first `error` among the group's rollout scores: the group is not trained on."""
+        return next((s.error for s in self.scores if s.error is not None), None)
 
 
 @dataclass
@@ -82,6 +94,10 @@ class StepRollouts:
     """Ids of the prompts drawn this step, in draw order (all rounds)."""
     examples: list[dict[str, Any]] = field(default_factory=list)
     """The first `rl.log_rollouts` rollouts of this rank's first groups, with their text."""
+    groups_errored: int = 0
+    """Groups dropped because a rollout's reward failed (`Group.reward_error`), all ranks."""
+    probe_errors: list[str] = field(default_factory=list)
+    """`error` of every errored probe on any rank (rollouts' errors are in `rows`)."""
 
 
 def _dp() -> tuple[int, int, Any]:
@@ -201,6 +217,8 @@ class RolloutCollector:
         k = self.rl.forced_probes
         jobs = []  # (group, missing mode)
         for grp in groups if k else []:
+            if grp.reward_error is not None:  # dropped: its mode evidence is never used
+                continue
             present = {s.mode for s in grp.scores}
             jobs += [(grp, m) for m in MODES if m not in present]
         if not jobs:
@@ -235,8 +253,12 @@ class RolloutCollector:
         return len(out), elapsed, sum(len(c.token_ids) for c in out)
 
     def _advantages(self, groups: list[Group]) -> None:
+        """Advantages of each group; a group with a reward error is dropped (`adv` None)."""
         cfg = self.loss_cfg
         for grp in groups:
+            if grp.reward_error is not None:
+                grp.adv = None
+                continue
             scores = grp.scores
             if cfg.kl_in_reward and cfg.kl_coef > 0:
                 t = max(len(c.logprobs) for c in grp.completions)
@@ -277,9 +299,10 @@ class RolloutCollector:
             tokens += probe_tok + sum(len(c.token_ids) for g in groups for c in g.completions)
             probes += n_probe
             all_groups += groups
-            signal = {g.key[1]: has_signal(g.adv) for g in groups}
+            # a dropped group (reward error) is never trained on; dynamic sampling refills it
+            signal = {g.key[1]: g.adv is not None and has_signal(g.adv) for g in groups}
             if not self.rl.dynamic_sampling:
-                kept += groups
+                kept += [g for g in groups if g.adv is not None]
                 break
             merged = {k: v for part in all_gather_dp(signal) for k, v in part.items()}
             quota = target - n_kept  # keep the first `quota` groups with signal in draw order
@@ -289,18 +312,26 @@ class RolloutCollector:
             if n_kept >= target:
                 break
         stats = torch.tensor([gen_s, float(tokens), float(probes)], dtype=torch.float64)
-        parts = all_gather_dp((stats.tolist(), [_rows(g) for g in all_groups], len(kept)))
+        probe_errors = [p.error for g in all_groups for p in g.probes if p.error is not None]
+        rows = [_rows(g) for g in all_groups]
+        parts = all_gather_dp((stats.tolist(), rows, len(kept), probe_errors))
         return StepRollouts(
             groups=kept,
-            rows=[r for _, rows, _ in parts for grp_rows in rows for r in grp_rows],
+            rows=[r for p in parts for grp_rows in p[1] for r in grp_rows],
             generated_tokens=int(sum(p[0][1] for p in parts)),
             generation_s=max(p[0][0] for p in parts),
-            groups_generated=sum(len(rows) for _, rows, _ in parts),
+            groups_generated=sum(len(p[1]) for p in parts),
             groups_trained=sum(p[2] for p in parts),
             rounds=rnd + 1,
             probes=int(sum(p[0][2] for p in parts)),
             prompt_ids=drawn_ids,
             examples=self._examples(all_groups),
+            groups_errored=sum(
+                any(r["reward_error"] is not None for r in grp_rows)
+                for p in parts
+                for grp_rows in p[1]
+            ),
+            probe_errors=[e for p in parts for e in p[3]],
         )
 
     def _examples(self, groups: list[Group]) -> list[dict[str, Any]]:
@@ -326,7 +357,8 @@ class RolloutCollector:
 
 
 def _rows(grp: Group) -> list[dict[str, Any]]:
-    """Per-rollout facts of a group for the step metrics (small, picklable)."""
+    """Per-rollout facts of a group for the step metrics (small, picklable); `r_mode` is 0 in
+    a dropped group (no advantages)."""
     adv = grp.adv
     return [
         {
@@ -338,9 +370,10 @@ def _rows(grp: Group) -> list[dict[str, Any]]:
             "format_ok": s.format_ok,
             "answer_reward": s.answer_reward,
             "components": dict(s.components),
-            "r_mode": adv.r_mode[i] if adv.r_mode else 0.0,
+            "r_mode": adv.r_mode[i] if adv is not None and adv.r_mode else 0.0,
             "tokens": len(c.token_ids),
             "truncated": c.finish_reason == "length",
+            "reward_error": s.error,
         }
         for i, (s, c) in enumerate(zip(grp.scores, grp.completions))
     ]

@@ -44,7 +44,12 @@ from kat_megatron.rl.logprobs import forward_logprobs, rl_forward_step
 from kat_megatron.rl.parts import build_parts
 from kat_megatron.rl.prompts import PromptSampler, load_prompts
 from kat_megatron.rl.rollouts import Group, RolloutCollector
-from kat_megatron.rl.step_metrics import rollout_metrics
+from kat_megatron.rl.step_metrics import (
+    report_reward_errors,
+    reward_error_metrics,
+    reward_errors,
+    rollout_metrics,
+)
 from kat_megatron.training.checkpoint_meta import resolve_checkpoint
 from kat_megatron.training.checkpointing import load_frozen_model
 from kat_megatron.training.loop import Trainer, forward_backward, reduce_metrics
@@ -236,16 +241,26 @@ class RLTrainer(Trainer):
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
         got = self.collector.collect()
+        errors = reward_error_metrics(got.rows, got.probe_errors, got.probes)
+        report_reward_errors(  # same values on every rank: all of them stop together
+            self.state.step + 1,
+            reward_errors(got.rows, got.probe_errors),
+            errors,
+            self.cfg.rl.max_reward_error_rate,
+            warn=self.rank == 0,
+        )
         samples = self.collector.samples(got.groups)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         train_start = time.perf_counter()
         if got.groups_trained > 0:
             losses, grad_norm, ok, updates = self._train(samples)
             self.engine.refit()
-        else:  # dynamic sampling found no group with signal: no update
+        else:  # no group with signal (dynamic sampling) or every group had a reward error
             losses, grad_norm, ok, updates = [], None, False, 0
             log.warning(
-                "step %d: no group with a learning signal; skipping the update", self.state.step + 1
+                "step %d: no group to train on (no learning signal, or reward errors); "
+                "skipping the update",
+                self.state.step + 1,
             )
         train_s = time.perf_counter() - train_start
         reduced = reduce_metrics(losses)
@@ -271,6 +286,8 @@ class RLTrainer(Trainer):
             "groups/trained": got.groups_trained,
             "groups/rounds": got.rounds,
             "groups/probes": got.probes,
+            "groups/errored": got.groups_errored,
+            **errors,
         }
         unused = {
             "kl": self.ref_model is None,
