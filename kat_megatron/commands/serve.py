@@ -48,6 +48,22 @@ def _launch(nproc: int, module_args: list[str]) -> int:
                 proc.terminate()
 
 
+_LIMIT_FLAGS = [
+    ("--limit-max-tokens", int, "max_tokens", None,
+     "largest max_tokens a request may ask (default: the context length)"),
+    ("--limit-n", int, "max_n", 16, "largest n (samples per prompt; 16)"),
+    ("--limit-prompts", int, "max_prompts", 64, "most prompts per completions request (64)"),
+    ("--limit-samples", int, "max_samples", 256, "most sequences (prompts x n) per request (256)"),
+    ("--max-body-bytes", int, "max_body_bytes", 8 << 20, "largest request body (8 MiB)"),
+    ("--backlog", int, "backlog", 1024, "listen backlog: connections queued before accept (1024)"),
+    ("--read-timeout", float, "read_timeout_s", 30.0,
+     "seconds a connection may take to send a request, or stay idle (30)"),
+    ("--max-connections", int, "max_connections", 512,
+     "open connections served at once; more get 503 (512)"),
+]  # fmt: skip
+"""`kat serve` flags of `http_server.ServeLimits`: (flag, type, field, default, help)."""
+
+
 def _rank_args(args: argparse.Namespace) -> list[str]:
     """The `kat serve ...` arguments each rank runs with (everything but --nproc)."""
     out = ["serve", "--ckpt", args.ckpt, "--host", args.host, "--port", str(args.port),
@@ -58,6 +74,7 @@ def _rank_args(args: argparse.Namespace) -> list[str]:
         ("--tokenizer", args.tokenizer),
         ("--ready-file", args.ready_file),
         ("--reasoning-parser", args.reasoning_parser),
+        *((flag, getattr(args, dest)) for flag, _, dest, _, _ in _LIMIT_FLAGS),
     ):
         if value is not None:
             out += [flag, str(value)]
@@ -65,6 +82,7 @@ def _rank_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kat_megatron.inference.http_server import ServeLimits
     from kat_megatron.inference.server import ServeConfig, serve
     from kat_megatron.launch.local import under_launcher
     from kat_megatron.training.checkpoint_meta import resolve_checkpoint
@@ -80,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         ready_file=args.ready_file,
         reasoning_parser=args.reasoning_parser,
+        limits=ServeLimits(**{dest: getattr(args, dest) for _, _, dest, _, _ in _LIMIT_FLAGS}),
     )
     resolve_checkpoint(cfg.ckpt)  # a missing checkpoint fails here, once
     if args.nproc > 1 and not under_launcher():
@@ -112,7 +131,15 @@ def register(sub) -> None:
     s.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded at once")
     s.add_argument("--max-sequence-length", type=int, default=None,
                    help="prompt + completion tokens (default: the model's maximum)")  # fmt: skip
-    s.add_argument("--model-name", default=None, help="model id reported (default: dir name)")
+    s.add_argument(
+        "--model-name",
+        default=None,
+        help="model id reported and the only one requests may name (others get 404, "
+        "as vLLM); 'a,b' serves aliases (default: the checkpoint folder's name)",
+    )
+    limits = s.add_argument_group("limits (malformed or oversized requests get 4xx JSON errors)")
+    for flag, kind, dest, default, what in _LIMIT_FLAGS:
+        limits.add_argument(flag, type=kind, dest=dest, default=default, help=what)
     s.add_argument("--tokenizer", default=None, help="tokenizer (default: the run's)")
     s.add_argument("--ready-file", default=None, help="write the base URL here once serving")
     s.add_argument("--reasoning-parser", choices=["none", "autothink"], default="none",

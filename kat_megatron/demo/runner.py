@@ -139,8 +139,8 @@ class Runner:
         cmd = [
             sys.executable, "-m", "kat_megatron.cli", "serve", "--ckpt", str(ckpt),
             "--port", "0", "--ready-file", str(ready), "--nproc", str(nproc),
-            "--reasoning-parser", "autothink",
-        ]  # fmt: skip
+            "--reasoning-parser", "autothink", "--model-name", "teacher,default",
+        ]  # fmt: skip  # the names examples/demo/*.yaml and the pipelines' default ask for
         with self.background(cmd) as proc:
             deadline = time.monotonic() + timeout_s
             while not ready.exists():

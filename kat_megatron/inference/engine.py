@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -138,24 +138,30 @@ class RolloutEngine:
     def generate(
         self,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         *,
         seeds: list[int] | None = None,
         on_step: OnStep | None = None,
     ) -> list[Completion]:
         """Completions of `prompts` (token ids), in order; collective over the TP group.
 
+        `params` is one `SamplingParams` for every prompt or one per prompt (`kat serve` batches
+        requests with different temperatures, lengths and stops into one call this way; a row's
+        tokens depend only on its own parameters, logits and seed).
         Request i samples from its own generator, seeded by `request_seed(params.seed, i)`, or by
         `seeds[i]` when given (e.g. the server: one seed per HTTP request and sample). With
         `params.seed=None` the engine's call counter provides the seed, identically on all ranks.
         A prompt leaves room for at most `max_sequence_length - len(prompt)` new tokens.
         `on_step` receives each decode step's tokens as they are sampled (module docstring).
         """
-        self._check_prompts(prompts)
+        self.check_prompts(prompts)
+        rows = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(rows) != len(prompts) or not all(isinstance(r, SamplingParams) for r in rows):
+            raise ValueError(f"params: expected one SamplingParams or {len(prompts)} of them")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"seeds: expected {len(prompts)} values, got {len(seeds)}")
         if seeds is None:
-            base = params.seed
+            base = rows[0].seed if rows else None
             if base is None:  # the n-th call of this engine: the same on every rank
                 base = request_seed(self.seed, -1 - self.stats["calls"])
             seeds = [request_seed(base, i) for i in range(len(prompts))]
@@ -167,8 +173,9 @@ class RolloutEngine:
             for lo in range(0, len(order), self.max_batch_size):
                 idx = order[lo : lo + self.max_batch_size]
                 batch = self._generate_batch(
-                    [prompts[i] for i in idx], params, [seeds[i] for i in idx], on_step, idx
-                )
+                    [prompts[i] for i in idx], [rows[i] for i in idx], [seeds[i] for i in idx],
+                    on_step, idx,
+                )  # fmt: skip
                 for i, completion in zip(idx, batch):
                     out[i] = completion
         self.stats["seconds"] += time.perf_counter() - start
@@ -210,13 +217,16 @@ class RolloutEngine:
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             self.weight_sync.push(state, self.weights_version)
 
-    # ----------------------------------------------------------------------------- internals
-    def _check_prompts(self, prompts: list[list[int]]) -> None:
+    def check_prompts(self, prompts: list[list[int]]) -> None:
+        """Raise ValueError unless every prompt is a non-empty list of ids in the padded vocabulary
+        that leaves room to generate (local, no collective: `kat serve` checks each request)."""
         if not isinstance(prompts, (list, tuple)):
             raise ValueError("prompts: expected a list of token-id lists")
         for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompts[{i}]: empty prompt")
+            if not isinstance(p, (list, tuple)) or not p:
+                raise ValueError(f"prompts[{i}]: expected a non-empty list of token ids")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                raise ValueError(f"prompts[{i}]: expected integer token ids")
             if len(p) >= self.max_sequence_length:
                 raise ValueError(
                     f"prompts[{i}]: {len(p)} tokens leave no room to generate within "
@@ -227,6 +237,7 @@ class RolloutEngine:
                     f"prompts[{i}]: token ids must lie in [0, {self.padded_vocab_size})"
                 )
 
+    # ----------------------------------------------------------------------------- internals
     @contextlib.contextmanager
     def _inference_layout(self) -> Iterator[None]:
         """Eval mode, no sequence parallelism, no MTP heads; everything restored on exit."""
@@ -274,25 +285,28 @@ class RolloutEngine:
     def _generate_batch(
         self,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: list[SamplingParams],
         seeds: list[int],
         on_step: OnStep | None = None,
         index: list[int] | None = None,
     ) -> list[Completion]:
-        """One static batch (at most max_batch_size prompts, sorted by length); `on_step` gets
-        `index[b]` for row b."""
+        """One static batch (at most max_batch_size prompts, sorted by length, `params[b]` for
+        row b); `on_step` gets `index[b]` for row b."""
         b_n = len(prompts)
         index = list(range(b_n)) if index is None else index
         lens = [len(p) for p in prompts]
-        limits = [min(params.max_new_tokens, self.max_sequence_length - n) for n in lens]
+        limits = [min(q.max_new_tokens, self.max_sequence_length - n) for q, n in zip(params, lens)]
         total = max(n + k for n, k in zip(lens, limits))
         device = next(self.model.parameters()).device
         tokens = torch.zeros(b_n, total, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             tokens[b, : lens[b]] = torch.tensor(p, dtype=torch.long)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        stops = StopStrings(self.tokenizer, params.stop_strings)
-        stop_ids = set(params.stop_token_ids)
+        stop_strings: dict[tuple[str, ...], StopStrings] = {}
+        stops = [stop_strings.setdefault(tuple(q.stop_strings),
+                                         StopStrings(self.tokenizer, q.stop_strings))
+                 for q in params]  # fmt: skip
+        stop_ids = [set(q.stop_token_ids) for q in params]
         gen: list[list[int]] = [[] for _ in prompts]
         logps: list[list[float]] = [[] for _ in prompts]
         finish = ["length"] * b_n
@@ -311,14 +325,14 @@ class RolloutEngine:
             active = [b for b in range(b_n) if not done[b] and lens[b] <= end]
             if active:
                 rows = logits_bv[active]
-                ids_b = sample_tokens_b(rows, params, [generators[b] for b in active],
-                                        self.vocab_size)  # fmt: skip
+                ids_b = self._sample(rows, [params[b] for b in active],
+                                     [generators[b] for b in active])  # fmt: skip
                 ids, lps = self._tp_sync(ids_b, token_logprobs_b(rows, ids_b))
                 for b, tok, lp in zip(active, ids, lps):
                     tokens[b, end] = tok
                     gen[b].append(tok)
                     logps[b].append(lp)
-                    if tok in stop_ids or (stops and stops.hit(gen[b])):
+                    if tok in stop_ids[b] or (stops[b] and stops[b].hit(gen[b])):
                         done[b], finish[b] = True, "stop"
                     elif len(gen[b]) >= limits[b]:
                         done[b] = True
@@ -340,6 +354,23 @@ class RolloutEngine:
             )
             for b in range(b_n)
         ]
+
+    def _sample(
+        self, rows_bv: torch.Tensor, params: list[SamplingParams], generators: list
+    ) -> torch.Tensor:
+        """One id per row, each row sampled with its own parameters: rows that share the
+        filters (temperature, top-k, top-p) are sampled together, each from its own generator."""
+        groups: dict[tuple, list[int]] = {}
+        for r, q in enumerate(params):
+            groups.setdefault((q.temperature, q.top_k, q.top_p), []).append(r)
+        if len(groups) == 1:
+            return sample_tokens_b(rows_bv, params[0], generators, self.vocab_size)
+        ids_b = torch.empty(len(params), dtype=torch.long, device=rows_bv.device)
+        for rs in groups.values():
+            at = torch.tensor(rs, device=rows_bv.device)
+            ids_b[at] = sample_tokens_b(rows_bv[at], params[rs[0]], [generators[r] for r in rs],
+                                        self.vocab_size)  # fmt: skip
+        return ids_b
 
     def describe(self) -> dict[str, Any]:
         """Sizes and counters, for logs and `/v1/models`."""

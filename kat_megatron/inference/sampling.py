@@ -6,7 +6,7 @@ request_generators(0, 2)))"` samples two tokens.
 
 Pure torch, no torch.distributed: the engine calls these with the same inputs on every TP rank.
 Order of the filters (as vLLM): temperature, then top-k, then top-p on the tempered distribution.
-`temperature == 0` or `top_k == 1` is greedy (argmax; ties go to the lowest id). Sampling draws one
+`temperature < GREEDY_BELOW` (1e-5, vLLM's threshold) or `top_k == 1` is greedy (argmax; ties go to the lowest id). Sampling draws one
 uniform number per request from that request's own generator and inverts the CDF, so a request's
 tokens depend only on its seed and its logits, not on which other requests share its batch.
 The log-probs recorded for the trainer are *not* these filtered ones: see `token_logprobs_b`.
@@ -19,6 +19,9 @@ import hashlib
 import torch
 
 from kat_megatron.inference.types import SamplingParams
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (logits / 1e-300 would overflow to inf and NaN)."""
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -75,7 +78,7 @@ def sample_tokens_b(
     Every generator advances by exactly one draw per call when sampling (none when greedy).
     """
     logits_bv = mask_vocab_bv(logits_bv, vocab_size)
-    if params.temperature == 0 or params.top_k == 1:
+    if params.temperature < GREEDY_BELOW or params.top_k == 1:
         return logits_bv.argmax(dim=-1)
     probs_bv = torch.softmax(
         filtered_logits_bv(logits_bv, params.temperature, params.top_k, params.top_p), dim=-1

@@ -39,18 +39,18 @@ Generation stops at `<|im_end|>` and `<|endoftext|>` (unless `ignore_eos`), at `
 and at `stop` strings; the returned text excludes the stop token and is cut before a stop string
 (OpenAI semantics). Request `seed` s gives sample j the generator seed `request_seed(s, j)`, so a
 request's answer does not depend on what it is batched with; without a seed one is drawn.
-The `model` field of requests is not checked (one model is served).
+A request's `model` must be one of the served names (`--model-name`, default the checkpoint
+folder's name) or absent; others get 404. Limits on requests and connections, and what each kind
+of malformed request gets: `http_server`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 from typing import Any
 
 from kat_megatron.data.autothink import (
@@ -60,32 +60,31 @@ from kat_megatron.data.autothink import (
     parse_lenient,
 )
 from kat_megatron.data.chat_template import render_chat, validate_messages
+from kat_megatron.inference.http_server import (
+    BadRequest,
+    NotFound,
+    ServeLimits,
+    make_server,
+)
+from kat_megatron.inference.http_server import (
+    field_value as _field,
+)
+from kat_megatron.inference.http_server import (
+    is_token_id as _is_id,
+)
+from kat_megatron.inference.http_server import (
+    short_repr as _short,
+)
+from kat_megatron.inference.http_server import (
+    utf8_text as _text,
+)
 from kat_megatron.inference.sampling import cut_at_stop, request_seed
-from kat_megatron.inference.service import LockstepService, ServiceStopped
-from kat_megatron.inference.streaming import StreamResponse, send_stream
+from kat_megatron.inference.service import LockstepService
 from kat_megatron.inference.types import Completion, SamplingParams
-from kat_megatron.utils.http import send_json
 
 log = logging.getLogger("kat")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 REASONING_PARSERS = ("none", "autothink")
-
-
-class BadRequest(ValueError):
-    """A client error: answered with HTTP 400."""
-
-
-def _field(body: dict, name: str, kind, default, check=None, what: str = ""):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise BadRequest(f"{name}: expected {kind.__name__}, got {value!r}")
-    if check is not None and not check(value):
-        raise BadRequest(f"{name}: expected {what}, got {value!r}")
-    return value
 
 
 @dataclass
@@ -110,7 +109,12 @@ class OpenAIProtocol:
     """Translates OpenAI request bodies to engine calls and completions back to responses."""
 
     def __init__(
-        self, tokenizer, max_sequence_length: int, model_name: str, reasoning_parser: str = "none"
+        self,
+        tokenizer,
+        max_sequence_length: int,
+        model_name: str,
+        reasoning_parser: str = "none",
+        limits: ServeLimits | None = None,
     ) -> None:
         if reasoning_parser not in REASONING_PARSERS:
             raise ValueError(
@@ -119,7 +123,11 @@ class OpenAIProtocol:
         self.reasoning_parser = reasoning_parser
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
-        self.model_name = model_name
+        self.names = [n.strip() for n in model_name.split(",") if n.strip()] or [model_name]
+        """Served names (`--model-name a,b`): the first is reported, any is accepted."""
+        self.model_name = self.names[0]
+        self.limits = limits or ServeLimits()
+        self.max_tokens = min(self.limits.max_tokens or max_sequence_length, max_sequence_length)
         self.end_ids = [i for t in END_TOKENS if (i := tokenizer.convert_tokens_to_ids(t)) is not None
                         and i != tokenizer.unk_token_id]  # fmt: skip
 
@@ -146,7 +154,9 @@ class OpenAIProtocol:
             try:
                 validate_messages(messages)
             except ValueError as err:
-                raise BadRequest(str(err)) from None
+                raise BadRequest(str(err), "messages") from None
+            for i, m in enumerate(messages):
+                _text(m["content"], f"messages[{i}].content")
             if body.get("continue_final_message") and messages[-1]["role"] == "assistant":
                 prefill = messages[-1]["content"]
                 head = render_chat(messages[:-1], add_generation_prompt=True)
@@ -158,19 +168,39 @@ class OpenAIProtocol:
             return [self.encode(render_chat(messages, add_generation_prompt=True) + prefix)]
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            return [self.encode(prompt)]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            return [self.encode(_text(prompt, "prompt"))]
+        if not isinstance(prompt, list) or not prompt:
+            raise BadRequest("prompt: expected a string, a list of strings, or token ids", "prompt")
+        if len(prompt) > self.limits.max_prompts and not all(_is_id(p) for p in prompt):
+            raise BadRequest(f"prompt: {len(prompt)} prompts; the limit is "
+                             f"{self.limits.max_prompts} per request", "prompt")  # fmt: skip
+        if all(_is_id(p) for p in prompt):
             return [list(prompt)]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return [self.encode(p) for p in prompt]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        if all(isinstance(p, str) for p in prompt):
+            return [self.encode(_text(p, f"prompt[{i}]")) for i, p in enumerate(prompt)]
+        if all(isinstance(p, list) for p in prompt):
+            for i, p in enumerate(prompt):
+                if not p or not all(_is_id(t) for t in p):
+                    raise BadRequest(f"prompt[{i}]: expected a non-empty list of integer token "
+                                     f"ids", "prompt")  # fmt: skip
             return [list(p) for p in prompt]
-        raise BadRequest("prompt: expected a string, a list of strings, or token ids")
+        bad = next(i for i, p in enumerate(prompt) if not isinstance(p, (str, list)))
+        raise BadRequest(f"prompt[{bad}]: expected every element to be a string or a list of "
+                         f"token ids, got {_short(prompt[bad])}", "prompt")  # fmt: skip
+
+    def check_model(self, body: dict) -> None:
+        """NotFound unless `model` is absent or one of the served names (as vLLM)."""
+        model = body.get("model")
+        if model is not None and model not in self.names:
+            raise NotFound(f"The model `{_short(model)}` does not exist (served: "
+                           f"{', '.join(self.names)})", "model")  # fmt: skip
 
     def parse(self, body: Any, chat: bool) -> Request:
-        """Validate `body`; raise BadRequest naming the field on bad input."""
+        """Validate `body`; raise BadRequest naming the field on bad input (NotFound for an
+        unknown model)."""
         if not isinstance(body, dict):
             raise BadRequest("expected a JSON object")
+        self.check_model(body)
         if body.get("echo"):
             raise BadRequest("echo: not supported by kat serve")
         stream = _field(body, "stream", bool, False)
@@ -182,18 +212,21 @@ class OpenAIProtocol:
                 raise BadRequest(
                     f"prompt: {len(p)} tokens; expected 1..{self.max_sequence_length - 1}"
                 )
-        default_max = self.max_sequence_length if chat else 16
-        max_tokens = _field(body, "max_completion_tokens", int, None, lambda v: v >= 1, ">= 1")
-        max_tokens = max_tokens or _field(
-            body, "max_tokens", int, default_max, lambda v: v >= 1, ">= 1"
-        )
+        cap = self.max_tokens
+        within = (lambda v: 1 <= v <= cap), f"1..{cap} (the server's limit)"
+        max_tokens = _field(body, "max_completion_tokens", int, None, *within)
+        max_tokens = max_tokens or _field(body, "max_tokens", int, cap if chat else 16, *within)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise BadRequest("stop: expected a string or a list of strings")
+            raise BadRequest("stop: expected a string or a list of strings", "stop")
+        if len(stop) > self.limits.max_stop or any(len(s) > 256 for s in stop):
+            raise BadRequest(f"stop: at most {self.limits.max_stop} strings of at most 256 "
+                             f"characters", "stop")  # fmt: skip
+        stop = [_text(s, "stop") for s in stop]
         stop_ids = _field(body, "stop_token_ids", list, [])
-        if not all(isinstance(i, int) for i in stop_ids):
-            raise BadRequest("stop_token_ids: expected a list of integers")
+        if not all(_is_id(i) for i in stop_ids) or len(stop_ids) > 256:
+            raise BadRequest("stop_token_ids: expected at most 256 integers", "stop_token_ids")
         if not _field(body, "ignore_eos", bool, False):
             stop_ids = [*stop_ids, *self.end_ids]
         top_k = _field(body, "top_k", int, 0, lambda v: v >= -1, ">= -1")
@@ -207,9 +240,13 @@ class OpenAIProtocol:
                 stop_token_ids=stop_ids,
             )
         except ValueError as err:
-            raise BadRequest(str(err)) from None
-        n = _field(body, "n", int, 1, lambda v: 1 <= v <= 128, "1..128")
-        seed = _field(body, "seed", int, None)
+            raise BadRequest(str(err), str(err).split(":")[0]) from None
+        n = _field(body, "n", int, 1, lambda v: 1 <= v <= self.limits.max_n,
+                   f"1..{self.limits.max_n} (the server's limit)")  # fmt: skip
+        if n * len(prompts) > self.limits.max_samples:
+            raise BadRequest(f"n x prompts = {n * len(prompts)} sequences; the limit is "
+                             f"{self.limits.max_samples} per request", "n")  # fmt: skip
+        seed = _field(body, "seed", int, None, lambda v: abs(v) < 1 << 63, "|seed| < 2**63")
         seed = random.getrandbits(63) if seed is None else seed
         seeds = [request_seed(seed, j) for j in range(n)] * len(prompts)
         chat_lp = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
@@ -303,62 +340,6 @@ class OpenAIProtocol:
                 "owned_by": "kat", "max_model_len": self.max_sequence_length}]}  # fmt: skip
 
 
-def make_server(host: str, port: int, protocol: OpenAIProtocol, service: LockstepService):
-    """A ThreadingHTTPServer bound to (host, port) that answers through `service`."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.debug("http: " + fmt, *args)
-
-        def _send(self, status: int, payload: dict) -> None:
-            send_json(self, status, payload)
-
-        def _error(self, status: int, message: str, kind: str) -> None:
-            self._send(status, {"error": {"message": message, "type": kind, "code": status}})
-
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0].rstrip("/")
-            if path == "/health":
-                self._send(200, {"status": "stopping" if service.stop_requested else "ok"})
-            elif path == "/v1/models":
-                self._send(200, protocol.models())
-            else:
-                self._error(404, f"no route GET {self.path}", "not_found_error")
-
-        def do_POST(self) -> None:
-            path = self.path.split("?")[0].rstrip("/")
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length)
-            if path not in ("/v1/completions", "/v1/chat/completions"):
-                self._error(404, f"no route POST {self.path}", "not_found_error")
-                return
-            try:
-                req = protocol.parse(
-                    json.loads(raw or b"null"), chat=path.endswith("/chat/completions")
-                )
-                if req.stream:
-                    send_stream(self, service.stream(req.prompts, req.params, req.seeds),
-                                StreamResponse(protocol, req))  # fmt: skip
-                    return
-                outs = service.submit(req.prompts, req.params, req.seeds)
-                self._send(200, protocol.response(req, outs))
-            except json.JSONDecodeError as err:
-                self._error(400, f"invalid JSON: {err}", "invalid_request_error")
-            except ValueError as err:  # BadRequest, or the engine's own validation
-                self._error(400, str(err), "invalid_request_error")
-            except ServiceStopped as err:
-                self._error(503, str(err), "service_unavailable")
-            except Exception as err:  # noqa: BLE001 - a server answers, never dies with a request
-                log.exception("request failed")
-                self._error(500, f"{type(err).__name__}: {err}", "server_error")
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
-
-
 @dataclass
 class ServeConfig:
     """`kat serve` options."""
@@ -372,7 +353,8 @@ class ServeConfig:
     max_sequence_length: int | None = None
     """Prompt + completion tokens; None: the model's max_position_embeddings."""
     model_name: str | None = None
-    """Name reported by /v1/models and in responses; None: the checkpoint directory's name."""
+    """Name reported by /v1/models and in responses, and the only `model` requests may name
+    (others get 404, as vLLM); `a,b` serves aliases. None: the checkpoint directory's name."""
     tokenizer: str | None = None
     """Tokenizer directory (or `tiny`); None: the run's data.tokenizer."""
     reasoning_parser: str = "none"
@@ -380,6 +362,8 @@ class ServeConfig:
     `reasoning_content` (what data pipelines expect of a reasoning model); none: the raw text."""
     ready_file: str | None = None
     """Written (the base URL, `http://HOST:PORT/v1`) once the server accepts requests."""
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    """Request and connection limits (`http_server.ServeLimits`)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -417,8 +401,9 @@ def serve(cfg: ServeConfig, on_ready=None) -> int:
     try:
         if leader:
             name = cfg.model_name or Path(cfg.ckpt).resolve().name
-            protocol = OpenAIProtocol(tok, engine.max_sequence_length, name, cfg.reasoning_parser)
-            server = make_server(cfg.host, cfg.port, protocol, service)
+            protocol = OpenAIProtocol(tok, engine.max_sequence_length, name, cfg.reasoning_parser,
+                                      cfg.limits)  # fmt: skip
+            server = make_server(cfg.host, cfg.port, protocol, service, cfg.limits)
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                              daemon=True).start()  # fmt: skip
             url = f"http://{cfg.host}:{server.server_address[1]}/v1"

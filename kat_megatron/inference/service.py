@@ -2,9 +2,12 @@
 
 `kat serve --ckpt DIR --nproc 2` runs one `LockstepService` per rank. HTTP threads on rank 0
 `submit(...)` work and block until it is done. Rank 0's `run()` loop takes whatever is queued,
-merges requests with the same sampling parameters (each keeps its own seeds) into one
-`RolloutEngine.generate` call, and broadcasts the batch to the other ranks, whose `run()` loop
-receives it and calls `generate` with the same arguments (the engine is collective over TP).
+checks each job's prompts locally (`RolloutEngine.check_prompts`: a bad job fails alone, before
+anything is broadcast), merges the rest into one `RolloutEngine.generate` call with per-prompt
+sampling parameters (each job keeps its own temperature, length, stops and seeds), and
+broadcasts the batch to the other ranks, whose `run()` loop receives it and calls `generate`
+with the same arguments (the engine is collective over TP). An unexpected exception in a batch
+fails that batch's jobs (HTTP 500) and the loop goes on serving.
 When idle, rank 0 broadcasts an empty batch every `heartbeat_s` so that the other ranks' waits
 never reach the process group's timeout. `request_stop()` (safe in a signal handler: it only
 sets a flag) makes rank 0 finish the batch in progress, fail queued work, broadcast "stop", and
@@ -17,8 +20,6 @@ job's queue, and the HTTP thread iterates them while the batch is still decoding
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import queue
 import threading
@@ -85,11 +86,6 @@ class Stream:
         self.completions = job.result
 
 
-def _params_key(params: SamplingParams) -> str:
-    """Requests whose parameters agree on everything but the seed share a generate call."""
-    return json.dumps(dataclasses.asdict(dataclasses.replace(params, seed=None)), sort_keys=True)
-
-
 class LockstepService:
     """See the module docstring. `engine` is this rank's `RolloutEngine`."""
 
@@ -103,6 +99,9 @@ class LockstepService:
         self._world = dist.get_world_size() if dist.is_initialized() else 1
         self._rank = dist.get_rank() if dist.is_initialized() else 0
         self.batches = 0
+        self.jobs = 0
+        """Jobs queued (rank 0; `kat serve`'s /stats)."""
+        self.sequences = 0
 
     @property
     def leader(self) -> bool:
@@ -130,6 +129,7 @@ class LockstepService:
     def _enqueue(self, job: _Job) -> _Job:
         if self.stop_requested:
             raise ServiceStopped("server is shutting down")
+        self.jobs += 1
         self._queue.put(job)
         return job
 
@@ -173,26 +173,41 @@ class LockstepService:
                 return
             if not jobs and time.monotonic() - last < self.heartbeat_s:
                 continue
-            groups: dict[str, list[_Job]] = {}
-            for job in jobs:
-                groups.setdefault(_params_key(job.params), []).append(job)
-            batch = [
-                ([p for j in js for p in j.prompts], js[0].params, [s for j in js for s in j.seeds])
-                for js in groups.values()
-            ]
+            jobs = [job for job in jobs if self._accept(job)]
+            batch = [(
+                [p for j in jobs for p in j.prompts],
+                [j.params for j in jobs for _ in j.prompts],
+                [s for j in jobs for s in j.seeds],
+            )] if jobs else []  # fmt: skip
             self._broadcast(("work", batch))
             last = time.monotonic()
-            for js, (prompts, params, seeds) in zip(groups.values(), batch):
-                self._run_group(js, prompts, params, seeds)
+            for prompts, params, seeds in batch:
+                self._run_group(jobs, prompts, params, seeds)
+
+    def _accept(self, job: _Job) -> bool:
+        """Check a job before it joins a batch (local): a bad one fails alone."""
+        try:
+            self.engine.check_prompts(job.prompts)
+            if len(job.seeds) != len(job.prompts):
+                raise ValueError(f"seeds: expected {len(job.prompts)} values")
+        except ValueError as err:
+            job.finish(error=err)
+            return False
+        return True
 
     def _run_group(self, jobs: list[_Job], prompts, params, seeds) -> None:
         try:
             out = self.engine.generate(prompts, params, seeds=seeds, on_step=_on_step(jobs))
-        except ValueError as err:  # raised before any collective, identically on every rank
+        except Exception as err:  # noqa: BLE001 - a batch fails, the service goes on
+            # ValueError is raised before any collective, identically on every rank; anything
+            # else is a bug, reported to the batch's clients (500) and logged.
+            if not isinstance(err, ValueError):
+                log.exception("kat serve: a batch failed; its requests get an error")
             for job in jobs:
                 job.finish(error=err)
             return
         self.batches += 1
+        self.sequences += len(prompts)
         at = 0
         for job in jobs:
             job.finish(result=out[at : at + len(job.prompts)])
@@ -206,8 +221,8 @@ class LockstepService:
             for prompts, params, seeds in batch:
                 try:
                     self.engine.generate(prompts, params, seeds=seeds)
-                except ValueError:
-                    pass  # rank 0 got the same error and reports it
+                except Exception:  # noqa: BLE001 - rank 0 got the same error and reports it
+                    log.debug("kat serve: batch failed on this rank", exc_info=True)
                 self.batches += 1
 
     def _fail_queued(self) -> None:

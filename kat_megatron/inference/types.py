@@ -5,6 +5,7 @@ Pure data: no torch.distributed, no Megatron-Core imports.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -13,7 +14,8 @@ class SamplingParams:
     """How to sample continuations (the OpenAI / vLLM names where they exist)."""
 
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """0 means greedy (argmax); so does any value below `sampling.GREEDY_BELOW` (1e-5, as vLLM),
+    where dividing the logits by it would overflow."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = 0
@@ -28,8 +30,8 @@ class SamplingParams:
     """Seed of the sampling generator (identical on every TP rank); None: from the engine."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -44,7 +44,7 @@ def server(ckpt, tmp_path_factory):
     ready = d / "ready.txt"
     cmd = [sys.executable, "-m", "kat_megatron.cli", "serve", "--ckpt", str(ckpt), "--nproc", "2",
            "--port", "0", "--ready-file", str(ready), "--max-sequence-length", "192",
-           "--max-batch-size", "8"]  # fmt: skip
+           "--max-batch-size", "8", "--model-name", "kat,any"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(d / "out.log", "w") as out, open(d / "err.log", "w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
