@@ -26,6 +26,12 @@ def _no_check(cfg: KatConfig) -> None:
     """Nothing beyond what the config sections check."""
 
 
+def _check_sft(cfg: KatConfig) -> None:
+    from kat_megatron.training.datasets import sft_packing
+
+    sft_packing(cfg)
+
+
 def _check_kd(cfg: KatConfig) -> None:
     from kat_megatron.training.kd_stage import check_kd
 
@@ -81,7 +87,7 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage("pretrain", "next-token LM on Megatron indexed data", _pretrain_trainer),
         Stage("kd", "MTP-enhanced knowledge distillation", _kd_trainer, _check_kd),
-        Stage("sft", "supervised fine-tuning on packed chat rows", _sft_trainer),
+        Stage("sft", "supervised fine-tuning on packed chat rows", _sft_trainer, _check_sft),
         Stage("rl", "Step-SRPO / GRPO on the colocated rollout engine", _rl_trainer, _check_rl),
     )
 }

@@ -305,9 +305,16 @@ class DataConfig:
     """Where tokenized JSONL and dataset indices go; None means `<run.dir>/data_cache`."""
     mock: bool = False
     """Use Megatron-Core's MockGPTDataset (random tokens) instead of files."""
+    packing: bool | None = None
+    """Stage sft: feed the packed chat rows as THD rows (`PackedSeqParams`, attention per
+    document, no [s, s] mask; docs/attention.md) instead of a dense block-causal mask. None: on
+    where the attention honours it (model.attention=sdpa, or Transformer Engine), off with
+    model.attention=unfused (true there is an error)."""
 
     def __post_init__(self) -> None:
         _positive("data", "seq_length", self.seq_length)
+        if self.packing not in (None, True, False):
+            raise ValueError(f"data.packing={self.packing!r}: expected true, false or null")
         if len(self.paths) > 1 and len(self.paths) % 2:
             raise ValueError(
                 "data.paths: a blend lists weight, prefix pairs; got an odd number of entries"
@@ -505,6 +512,12 @@ class RLConfig:
     max_reward_error_rate: float | None = None
     """Stop the run when a step's `reward_error_rate` (rewards that failed for an internal
     reason, e.g. the code sandbox, over every rollout scored) exceeds this; None: never."""
+    packing: bool | None = None
+    """Train on each micro-batch's prompt + response rows concatenated into one THD row
+    without padding (`PackedSeqParams`, verl's remove-padding; docs/attention.md) instead of
+    rows right-padded to the longest. None: on where the attention honours it
+    (model.attention=sdpa, or Transformer Engine), off with model.attention=unfused (true
+    there is an error)."""
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs",
@@ -523,6 +536,8 @@ class RLConfig:
         rate = self.max_reward_error_rate
         if rate is not None and (isinstance(rate, bool) or not 0 <= rate <= 1):
             raise ValueError(f"rl.max_reward_error_rate={rate!r}: expected None or in [0, 1]")
+        if self.packing not in (None, True, False):
+            raise ValueError(f"rl.packing={self.packing!r}: expected true, false or null")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Reads chat records (`{"messages": [{"role": ..., "content": ...}, ...]}` per line) from the
 `data.jsonl` files, tokenizes them with the AutoThink chat template (loss on assistant tokens:
-judge, mode, think and answer), and packs them into rows of `data.seq_length` positions with
-per-document attention masks (`kat_megatron/data/packing.py`). Malformed lines are counted and
+judge, mode, think and answer), and packs them into rows of `data.seq_length` positions
+(`kat_megatron/data/packing.py`), each sample carrying its document boundaries (`cu_seqlens`,
+for THD `PackedSeqParams`: `data.packing`) or a dense per-document attention mask. Malformed lines are counted and
 reported with file and line number; with none usable the build fails.
 """
 
@@ -48,11 +49,13 @@ def read_chat_records(paths: list[str], key: str = "messages") -> tuple[list, li
 
 
 class PackedSFTDataset:
-    """Packed rows as GPT-style samples (tokens, labels, loss_mask, position_ids, attention_mask)."""
+    """Packed rows as GPT-style samples (tokens, labels, loss_mask, position_ids) plus either
+    `cu_seqlens` (int32 document boundaries, `thd=True`: `training/batches.py` turns them into
+    `PackedSeqParams`) or `attention_mask` ([1, s, s] block-causal, True = masked)."""
 
-    def __init__(self, rows: list[PackedSequence], with_attention_mask: bool) -> None:
+    def __init__(self, rows: list[PackedSequence], thd: bool = False) -> None:
         self.rows = rows
-        self.with_attention_mask = with_attention_mask
+        self.thd = thd
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,14 +68,14 @@ class PackedSFTDataset:
             "loss_mask": torch.from_numpy(row.loss_mask_s.astype(np.float32)),
             "position_ids": torch.from_numpy(row.position_ids_s),
         }
-        if self.with_attention_mask:
+        if self.thd:
+            sample["cu_seqlens"] = torch.from_numpy(row.cu_seqlens)
+        else:
             sample["attention_mask"] = torch.from_numpy(row.attention_mask())
         return sample
 
 
-def build_sft_dataset(
-    data: DataConfig, seed: int, with_attention_mask: bool = True
-) -> PackedSFTDataset:
+def build_sft_dataset(data: DataConfig, seed: int, thd: bool = False) -> PackedSFTDataset:
     """Tokenize, pack (first-fit decreasing) and shuffle (by `seed`) the chat records."""
     if not data.jsonl:
         raise ValueError("stage sft: set data.jsonl to chat-record JSONL files")
@@ -99,4 +102,4 @@ def build_sft_dataset(
         len(convs), len(rows), data.seq_length, packed.truncated, len(packed.dropped),
         len(problems),
     )  # fmt: skip
-    return PackedSFTDataset(rows, with_attention_mask)
+    return PackedSFTDataset(rows, thd)

@@ -8,6 +8,15 @@ Rows are right-padded (causal attention never looks at the padding) to the longe
 micro-batch, rounded up to a multiple of `pad_multiple` (which the sequence-parallel split over
 TP needs).
 
+With `packed` (`rl.packing`, verl's remove-padding) the model input is instead one THD row: the
+micro-batch's rows concatenated without padding, `tokens/labels/position_ids [1, t]` with
+t = sum of row lengths rounded up to `pad_multiple` (a dummy document of padding at the tail),
+and `packed_seq_params` (`kat_megatron/models/packed_seq.py`); positions restart per rollout.
+The per-token loss inputs (`loss_mask`, `advantages`, log-probs) keep the padded `[b, s]` layout
+above, and `valid` (bool `[b, s]`, the rows' real positions in row-major order = the order of
+the packed row) maps the packed per-token outputs back (`unpack`), so the loss sees exactly the
+padded path's tensors (zeros instead of padding garbage where `loss_mask` is 0).
+
 Each data-parallel rank trains on the rollouts it generated; all ranks run the same number of
 micro-batches (the largest any rank needs), slots past a rank's last rollout hold an all-padding
 row without loss. The loss is normalised over the global batch by Megatron-Core
@@ -20,6 +29,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from kat_megatron.models.packed_seq import padded_length, positions_of, thd_params
 
 
 @dataclass
@@ -63,9 +74,11 @@ def collate_rollouts(
     pad_multiple: int,
     with_ref: bool = False,
     with_old: bool = False,
-) -> dict[str, torch.Tensor]:
+    packed: bool = False,
+) -> dict:
     """Tensors `[b, s]` of one micro-batch (None entries are all-padding rows without loss);
-    `ref_logprobs` / `old_logprobs` only when asked for (every real sample must have them)."""
+    `ref_logprobs` / `old_logprobs` only when asked for (every real sample must have them);
+    `packed`: the model input as one THD row (module docstring)."""
     real = [s.num_positions for s in samples if s is not None]
     length = max(real, default=1)
     length = -(-length // pad_multiple) * pad_multiple
@@ -96,7 +109,40 @@ def collate_rollouts(
             if values is None:
                 raise ValueError(f"collate_rollouts: a sample lacks {name}")
             out[name][i, start : start + r] = torch.tensor(values)
+    return pack_rollouts(out, samples, pad_id, pad_multiple) if packed else out
+
+
+def pack_rollouts(
+    out: dict, samples: list[RolloutSample | None], pad_id: int, pad_multiple: int
+) -> dict:
+    """The padded micro-batch `out` with its model input replaced by one THD row."""
+    lengths = [s.num_positions for s in samples if s is not None]
+    valid = torch.zeros_like(out["loss_mask"], dtype=torch.bool)
+    for i, s in enumerate(samples):
+        if s is not None:
+            valid[i, : s.num_positions] = True
+    n = sum(lengths)
+    t = padded_length(n, pad_multiple)
+    if t > n:
+        lengths.append(t - n)  # padding to the TP multiple: a dummy document without loss
+    for key in ("tokens", "labels"):
+        packed = torch.full((t,), pad_id, dtype=torch.long)
+        packed[:n] = out[key][valid]
+        out[key] = packed.unsqueeze(0)
+    out["position_ids"] = positions_of(lengths).unsqueeze(0)
+    out["packed_seq_params"] = thd_params(lengths)
+    out["valid"] = valid
     return out
+
+
+def unpack(values_1t: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-token values of the model's output `[1, t]` in the padded `[b, s]` layout (0 at
+    padding; differentiable); a padded batch's `[b, s]` values unchanged."""
+    valid = batch.get("valid")
+    if valid is None:
+        return values_1t
+    n = int(valid.sum())
+    return values_1t.new_zeros(valid.shape).masked_scatter(valid, values_1t[0, :n])
 
 
 def num_microbatches(num_samples: int, mbs: int) -> int:
@@ -112,7 +158,8 @@ def microbatches(
     pad_multiple: int,
     with_ref: bool = False,
     with_old: bool = False,
-) -> list[dict[str, torch.Tensor]]:
+    packed: bool = False,
+) -> list[dict]:
     """`n_micro` micro-batches of `mbs` rows from this rank's rollouts, in order; slots past
     the last rollout are all-padding rows (every DP rank must run the same number of
     micro-batches, whatever its number of rollouts)."""
@@ -120,7 +167,9 @@ def microbatches(
         raise ValueError(f"{len(samples)} rollouts do not fit {n_micro} x {mbs} rows")
     slots: list[RolloutSample | None] = list(samples) + [None] * (n_micro * mbs - len(samples))
     return [
-        collate_rollouts(slots[k * mbs : (k + 1) * mbs], pad_id, pad_multiple, with_ref, with_old)
+        collate_rollouts(
+            slots[k * mbs : (k + 1) * mbs], pad_id, pad_multiple, with_ref, with_old, packed
+        )
         for k in range(n_micro)
     ]
 

@@ -9,6 +9,9 @@ Megatron-Core's `ColumnParallelLinear` output layer) and the vocabulary is never
   one all-reduce MAX and two SUMs over the TP group.
 Both run in fp32 over every column of the padded vocabulary, as the rollout engine's log-probs
 (`kat_megatron.inference.sampling.token_logprobs_b`) do, so the two agree to rounding.
+A packed micro-batch (`rl.packing`, `rl/batching.py`) runs as one THD row with its
+`packed_seq_params`; its per-token log-probs and entropy are put back into the padded `[b, s]`
+layout (`batching.unpack`) before the loss, so `policy_loss` sees the padded path's tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from kat_megatron.losses.policy import PolicyLossConfig, policy_loss
+from kat_megatron.rl.batching import unpack
 
 
 def _tp_group() -> Any:
@@ -92,6 +96,7 @@ def rl_loss(
     logp_bs, entropy_bs = token_logprobs(
         logits_bsv, batch["labels"], with_entropy=True, entropy_grad=cfg.entropy_coef != 0
     )
+    logp_bs, entropy_bs = unpack(logp_bs, batch), unpack(entropy_bs, batch)
     old_bs = batch.get("old_logprobs")
     loss_sum, normaliser, metrics = policy_loss(
         logp_bs,
@@ -111,8 +116,14 @@ def rl_loss(
 def rl_forward_step(data_iterator, model, cfg: PolicyLossConfig):
     """Megatron-Core forward step: the micro-batch through the policy, and `rl_loss`."""
     batch = next(data_iterator)
-    logits_bsv = model(batch["tokens"], batch["position_ids"], None)
+    logits_bsv = _policy_logits(model, batch)
     return logits_bsv, partial(rl_loss, batch=batch, cfg=cfg)
+
+
+def _policy_logits(model, batch: dict) -> torch.Tensor:
+    """Vocab-sharded logits `[b, s, V/tp]` (`[1, t, V/tp]` for a packed batch)."""
+    params = batch.get("packed_seq_params")
+    return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
 
 
 @torch.no_grad()
@@ -126,10 +137,10 @@ def forward_logprobs(model: list, batches: list[dict[str, torch.Tensor]]) -> lis
 
     def step(data_iterator, chunk):
         batch = next(data_iterator)
-        logits_bsv = chunk(batch["tokens"], batch["position_ids"], None)
+        logits_bsv = _policy_logits(chunk, batch)
 
         def collect(output, non_loss_data=True):
-            return token_logprobs(output, batch["labels"], with_entropy=False)[0]
+            return unpack(token_logprobs(output, batch["labels"], with_entropy=False)[0], batch)
 
         return logits_bsv, collect
 

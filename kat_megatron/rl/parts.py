@@ -19,6 +19,7 @@ from typing import Any
 from kat_megatron.config.schema import KatConfig, RLConfig
 from kat_megatron.inference.types import SamplingParams
 from kat_megatron.losses.policy import PolicyLossConfig
+from kat_megatron.models.packed_seq import packing_enabled
 from kat_megatron.rl.advantages import AdvantageConfig
 from kat_megatron.rl.rewards import RewardConfig
 
@@ -90,6 +91,7 @@ def check_rl(cfg: KatConfig) -> None:
             f"rl.max_sequence_length={rl.max_sequence_length} exceeds "
             f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
         )
+    packing_enabled(rl.packing, cfg.model, "rl.packing")
     new = parts.sampling.max_new_tokens
     if new >= rl.max_sequence_length:
         raise ValueError(

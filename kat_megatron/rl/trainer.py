@@ -33,6 +33,7 @@ from megatron.core import parallel_state
 from kat_megatron.config import KatConfig
 from kat_megatron.data.tokenizer import load_tokenizer
 from kat_megatron.inference.engine import RolloutEngine
+from kat_megatron.models.packed_seq import packing_enabled
 from kat_megatron.rl.batching import (
     RolloutSample,
     microbatches,
@@ -90,6 +91,7 @@ class RLTrainer(Trainer):
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.pad_multiple = pad_multiple_for(cfg.parallel.tp)
+        self.packing = packing_enabled(rl.packing, cfg.model, "rl.packing")
         dtype = self.model[0].config.params_dtype
         self.engine = RolloutEngine(
             self.model,
@@ -169,7 +171,9 @@ class RLTrainer(Trainer):
         every rank runs the same number of micro-batches)."""
         mbs = self.cfg.rl.micro_batch_size
         n_micro = _max_over_dp(num_microbatches(len(samples), mbs))
-        batches = microbatches(samples, mbs, n_micro, self.pad_id, self.pad_multiple)
+        batches = microbatches(
+            samples, mbs, n_micro, self.pad_id, self.pad_multiple, packed=self.packing
+        )
         values: list = []
         for k, logp_bs in enumerate(forward_logprobs(model, batches)):
             chunk = samples[k * mbs : (k + 1) * mbs]
@@ -198,7 +202,7 @@ class RLTrainer(Trainer):
         n_micro = _max_over_dp(num_microbatches(len(samples), mbs))
         with_ref = self.ref_model is not None
         batches = microbatches(
-            samples, mbs, n_micro, self.pad_id, self.pad_multiple, with_ref, with_old
+            samples, mbs, n_micro, self.pad_id, self.pad_multiple, with_ref, with_old, self.packing
         )
         losses, ok, grad_norm = forward_backward(
             self.model,
@@ -207,7 +211,7 @@ class RLTrainer(Trainer):
             iter(batches),
             n_micro,
             max(b["tokens"].shape[1] for b in batches),
-            mbs,
+            batches[0]["tokens"].shape[0],  # 1 for packed (THD) rows
         )
         return losses, grad_norm, ok
 

@@ -27,14 +27,25 @@ def pretrain_datasets(cfg: KatConfig, run_dir: Path):
     )  # fmt: skip
 
 
-def sft_datasets(cfg: KatConfig, run_dir: Path):
-    """Packed chat rows with per-document attention masks (loss on assistant tokens)."""
-    from kat_megatron.data.sft_data import build_sft_dataset
-    from kat_megatron.models.builder import resolve_backend
+def sft_packing(cfg: KatConfig) -> bool:
+    """Whether stage sft feeds its packed rows as THD rows (`data.packing`, resolved against
+    the attention); a one-line ValueError for a combination that cannot run."""
+    from kat_megatron.models.builder import te_available
+    from kat_megatron.models.packed_seq import packing_enabled
 
-    if resolve_backend(cfg.model) == "te":
+    thd = packing_enabled(cfg.data.packing, cfg.model, "data.packing")
+    te = cfg.model.backend == "te" or (cfg.model.backend == "auto" and te_available())
+    if te and not thd:
         raise ValueError(
-            "stage sft with model.backend=te: packed rows need THD packed_seq_params, which "
-            "kat does not wire up yet; use model.backend=local"
+            "stage sft with Transformer Engine takes packed rows as THD only (no dense "
+            "block-causal mask): set data.packing=true (or model.backend=local)"
         )
-    return build_sft_dataset(cfg.data, cfg.training.seed), None, None
+    return thd
+
+
+def sft_datasets(cfg: KatConfig, run_dir: Path):
+    """Packed chat rows (loss on assistant tokens) with their document boundaries for THD
+    `PackedSeqParams` (`data.packing`), or per-document dense attention masks."""
+    from kat_megatron.data.sft_data import build_sft_dataset
+
+    return build_sft_dataset(cfg.data, cfg.training.seed, thd=sft_packing(cfg)), None, None

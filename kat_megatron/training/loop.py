@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from kat_megatron.config import KatConfig, config_to_dict, dump_config, format_config
 from kat_megatron.losses.lm import masked_token_loss
 from kat_megatron.models.builder import build_model, recompute_overrides, transformer_config
+from kat_megatron.models.packed_seq import padded_length
 from kat_megatron.parallel.init import initialize
 from kat_megatron.planning.runtime import log_memory_check
 from kat_megatron.training import checkpointing as ckpt
@@ -79,8 +80,9 @@ def lm_forward_step(data_iterator, model, loss_fn=masked_token_loss):
     """Megatron-Core forward step of stages pretrain and sft: one micro-batch through the model,
     and its loss function.
 
-    `attention_mask` ([b, 1, s, s], True = masked) is passed when the batch has one (packed
-    SFT rows); otherwise the model's causal mask applies.
+    `packed_seq_params` (THD rows, `data.packing`: attention per document) or `attention_mask`
+    ([b, 1, s, s], True = masked: packed SFT rows without THD) is passed when the batch has one;
+    otherwise the model's causal mask applies.
     """
     batch = next(data_iterator)
     output = model(
@@ -89,6 +91,7 @@ def lm_forward_step(data_iterator, model, loss_fn=masked_token_loss):
         batch.get("attention_mask"),
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
+        packed_seq_params=batch.get("packed_seq_params"),
     )
     return output, partial(loss_fn, loss_mask_bs=batch["loss_mask"])
 
@@ -246,9 +249,14 @@ class Trainer:
                 t.micro_batch_size,
                 dp_rank,
                 self.dp,
+                multiple=cfg.parallel.tp,
             )
             for _ in self.model
         ]
+        # The activation shape pipeline stages exchange: THD rows are [1, mbs * s (padded)].
+        seq, mbs = cfg.data.seq_length, t.micro_batch_size
+        if getattr(self.datasets[0], "thd", False):
+            seq, mbs = padded_length(mbs * seq, cfg.parallel.tp), 1
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         losses, ok, grad_norm = forward_backward(
@@ -257,9 +265,9 @@ class Trainer:
             self.forward_step,
             iters if len(iters) > 1 else iters[0],
             n_micro,
-            cfg.data.seq_length,
-            t.micro_batch_size,
-            decoder_seq_length=cfg.data.seq_length,
+            seq,
+            mbs,
+            decoder_seq_length=seq,
         )
         if ok:
             self.scheduler.step(increment=1)
