@@ -417,6 +417,11 @@ class KDSection:
     model.mtp_loss_scaling_factor."""
     mask_document_boundaries: bool = True
     """No loss where the depth-d target x[t+1+d] is in another document than x[t] (EOD)."""
+    packing: bool = False
+    """Attention per EOD-separated document: each micro-batch runs as one THD row with
+    `PackedSeqParams` (student and online teacher; docs/attention.md). False: attention crosses
+    documents within a sample, as Megatron-LM pretrains by default (`reset_attention_mask`
+    off) and as `kat kd dump-teacher` computes an offline teacher's top-K."""
     teacher: dict = field(default_factory=dict)
     """`KDTeacherConfig` fields: mode, ckpt, preset, model, topk_dir."""
 

@@ -3,7 +3,8 @@
 - `model_heads(model, batch)`: a Megatron-Core `GPTModel` run to the hidden states its output
   layer sees, then that output layer on the main head and on every MTP depth: one `[s, b, V/tp]`
   logits tensor per head, still sharded over the vocabulary (nothing is gathered). Stage kd's
-  student and teacher use it.
+  student and teacher use it. With `batch["thd"]` (`kd.packing`: `packed_seq.eod_rows`) the
+  model runs on that THD row and the heads come back in the rows' `[s, b, V/tp]` layout.
 - `forward_logits(model, tokens, heads=False)`: full-vocabulary logits, forward only. Used by
   `tools/dump_logits.py` (checkpoint parity across layouts) and `kat convert verify`. Runs
   Megatron-Core's schedule with `forward_only=True`, so pipeline stages exchange activations as
@@ -20,6 +21,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.utils import unwrap_model
+
+from kat_megatron.models.packed_seq import unpack_heads
 
 
 @contextlib.contextmanager
@@ -45,8 +48,15 @@ def model_heads(model, batch: dict, max_heads: int | None = None):
     `[s, b, V/tp]` logits of heads d = 0..D (main head, MTP depths) on the last pipeline stage
     (at most `max_heads`), None on the other stages."""
     gpt = unwrap_model(model)
+    thd = batch.get("thd")  # stage kd's THD row (`packed_seq.eod_rows`), or None
+    inputs = thd or batch
     with hidden_states_out(gpt):
-        hidden = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        hidden = model(
+            inputs["tokens"],
+            inputs["position_ids"],
+            batch.get("attention_mask"),
+            packed_seq_params=inputs.get("packed_seq_params"),
+        )
     if not gpt.post_process:
         return hidden, None
     depth = gpt.config.mtp_num_layers or 0
@@ -54,7 +64,10 @@ def model_heads(model, batch: dict, max_heads: int | None = None):
     weight = None
     if gpt.share_embeddings_and_output_weights:
         weight = gpt.shared_embedding_or_output_weight()
-    return hidden, [gpt.output_layer(h, weight=weight)[0] for h in chunks]
+    logits = [gpt.output_layer(h, weight=weight)[0] for h in chunks]
+    if thd is not None:
+        logits = [unpack_heads(x, thd["rows"]) for x in logits]
+    return hidden, logits
 
 
 @torch.no_grad()

@@ -97,3 +97,40 @@ def pack_rows(
     out["position_ids"] = positions_of(lengths).unsqueeze(0)
     out["packed_seq_params"] = thd_params(lengths)
     return out
+
+
+def eod_rows(tokens_bs: torch.Tensor, eod_id: int, multiple: int) -> dict:
+    """Pretraining rows `[b, s]` of EOD-joined documents (stage kd with `kd.packing`) -> the
+    model input of one THD row: `tokens [1, t]`, `position_ids [1, t]`, `packed_seq_params`,
+    and `rows` = (b, s) for `unpack_heads`. Every EOD ends its document (the EOD belongs to it,
+    as `losses.kd.documents_from_eod` counts), every row's end ends one; t = b * s rounded up
+    to `multiple`, the tail one more document of EOD tokens."""
+    b, s = tokens_bs.shape
+    lengths: list[int] = []
+    for row in tokens_bs.tolist():
+        start = 0
+        for i, tok in enumerate(row):
+            if tok == eod_id:
+                lengths.append(i + 1 - start)
+                start = i + 1
+        if start < s:
+            lengths.append(s - start)
+    t = padded_length(b * s, multiple)
+    if t > b * s:
+        lengths.append(t - b * s)
+    flat = tokens_bs.reshape(-1)
+    tokens = torch.cat([flat, flat.new_full((t - b * s,), eod_id)]).unsqueeze(0)
+    params = thd_params(lengths, device=tokens_bs.device)
+    positions = positions_of(lengths).to(tokens_bs.device).unsqueeze(0)
+    return {
+        "tokens": tokens,
+        "position_ids": positions,
+        "packed_seq_params": params,
+        "rows": (b, s),
+    }
+
+
+def unpack_heads(logits_t1v: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """One head's logits of an `eod_rows` THD row, `[t, 1, V]` -> the rows' `[s, b, V]`."""
+    b, s = rows
+    return logits_t1v[: b * s, 0].reshape(b, s, -1).transpose(0, 1)

@@ -13,7 +13,9 @@ with pretraining; the per-depth metrics `kd_ce_d{d}`, `kd_kl_d{d}`, `kd_top1_tea
 Data: Megatron GPT samples, exactly as stage pretrain reads them (the dump must be made for the
 same samples: `kat kd dump-teacher --config` takes them from this config). Positions whose
 depth-d target lies in the next EOD-separated document carry no loss
-(`kd.mask_document_boundaries`). See docs/mtp_kd.md.
+(`kd.mask_document_boundaries`). With `kd.packing` the attention stops at every EOD too:
+the micro-batch runs as one THD row (`packed_seq.eod_rows`; the heads come back as `[s, b]`
+rows, so the loss is unchanged). See docs/mtp_kd.md.
 
 The forward step of Megatron-Core's schedule gets only `(data_iterator, model)`, so the stage
 keeps its state (loss config, teacher, sample indices) in one `KDRuntime` per process, built by
@@ -33,6 +35,7 @@ import torch
 from kat_megatron.config.schema import KatConfig, KDSection, ModelConfig
 from kat_megatron.losses.kd import KDConfig, documents_from_eod, mtp_kd_loss
 from kat_megatron.models.forward import model_heads
+from kat_megatron.models.packed_seq import eod_rows, packing_enabled
 from kat_megatron.training.datasets import pretrain_datasets
 from kat_megatron.training.kd_teacher import OfflineTeacher, OnlineTeacher, to_device, tp_group
 
@@ -48,8 +51,10 @@ class SampleRecorder:
     forward step pulls and takes its own copy).
     """
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, thd: bool = False) -> None:
         self.dataset = dataset
+        self.thd = thd
+        """Micro-batches run as THD rows (`kd.packing`): the training loop's activation shape."""
         self._read: list[int] = []
 
     def __len__(self) -> int:
@@ -74,6 +79,8 @@ class KDRuntime:
     eod_id: int
     vocab_size: int
     mask_documents: bool
+    thd_multiple: int | None = None
+    """`kd.packing`: the THD row's length multiple (the TP size); None: rows as they are."""
 
 
 _RUNTIME: KDRuntime | None = None
@@ -103,6 +110,19 @@ def check_kd(cfg: KatConfig) -> None:
             f"model.mtp_num_layers={depth}: stage kd needs fewer MTP depths than "
             f"data.seq_length={cfg.data.seq_length}"
         )
+    if kd.packing:
+        packing_enabled(True, cfg.model, "kd.packing")
+        if not kd.mask_document_boundaries:
+            raise ValueError(
+                "kd.packing=true needs kd.mask_document_boundaries=true (with attention per "
+                "document, a position cannot be trained to predict the next document's tokens)"
+            )
+        if teacher.mode == "offline" and teacher.topk_dir is not None:
+            raise ValueError(
+                "kd.packing=true with kd.teacher.mode=offline: `kat kd dump-teacher` computes "
+                "the top-K with attention across documents; use the online teacher or "
+                "kd.packing=false"
+            )
     if par.cp != 1:
         raise ValueError(
             "stage kd: parallel.cp must be 1 (the depth-d target shift would cross "
@@ -133,7 +153,7 @@ def build_kd(cfg: KatConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     """Stage kd's datasets `(train, valid, test)`; builds the teacher and the runtime."""
     global _RUNTIME
     train, valid, test = pretrain_datasets(cfg, run_dir)
-    samples = SampleRecorder(train)
+    samples = SampleRecorder(train, thd=cfg.kd.packing)
     tokenizer = train.config.tokenizer
     teacher_cfg = cfg.kd.teacher_config()
     loss_cfg = kd_loss_config(cfg.kd, cfg.model)
@@ -151,6 +171,7 @@ def build_kd(cfg: KatConfig, run_dir: Path) -> tuple[Any, Any, Any]:
         eod_id=int(tokenizer.eod),
         vocab_size=cfg.model.vocab_size,
         mask_documents=cfg.kd.mask_document_boundaries,
+        thd_multiple=cfg.parallel.tp if cfg.kd.packing else None,
     )
     log.info(
         "kd: D=%d MTP depths, alpha=%g, tau=%g, %s, top-k=%d, lambda=%g",
@@ -200,6 +221,8 @@ def kd_forward_step(data_iterator, model):
     """Megatron-Core forward step: student heads (and the teacher's target), and the KD loss."""
     rt = runtime()
     batch = to_device(next(data_iterator))
+    if rt.thd_multiple is not None:
+        batch["thd"] = eod_rows(batch["tokens"], rt.eod_id, rt.thd_multiple)
     indices = rt.samples.take()
     output, heads = model_heads(model, batch)
     if heads is None:  # not the last pipeline stage: pass the hidden states on
