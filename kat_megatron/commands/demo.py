@@ -1,5 +1,5 @@
-"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--seed S] [--restart]` (what `make demo`
-runs)."""
+"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--seed S] [--task easy-hard|steps]
+[--restart]` (what `make demo` runs, with the default task)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         report = run_demo(
-            args.out, quick=args.quick, nproc=args.nproc, restart=args.restart, seed=args.seed
-        )
-    except ValueError as err:  # a resume with another --seed
+            args.out, quick=args.quick, nproc=args.nproc, restart=args.restart, seed=args.seed,
+            task=args.task,
+        )  # fmt: skip
+    except ValueError as err:  # a resume with another --seed or --task
         print(f"demo: {err}", file=sys.stderr)
         return 2
     except StepFailed as err:
@@ -47,4 +48,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="one seed for every stage (data, teacher, KD, tagging, synthesis, SFT, RL, "
                         "eval); 0, the default, is what the README measured")  # fmt: skip
+    p.add_argument("--task", default="easy-hard", choices=["easy-hard", "steps"],
+                   help="synthetic task: easy-hard (default: sums vs products, README's figures) "
+                        "or steps (products of 1-5 factors, one template; the mode must be "
+                        "learned from the content)")  # fmt: skip
     p.set_defaults(func=run)

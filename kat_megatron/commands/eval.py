@@ -4,8 +4,10 @@
 [--reference-format raw|gsm8k|boxed|json]`.
 
 Accuracy (pass@1, pass@K), output tokens (mean, p50, p90), think-on and format-valid rates per
-prompt category and mode; with `--mode all` also auto's token reduction against forced think_on.
-Writes OUT/{eval.json, eval.md, samples.jsonl, accuracy.png, tokens.png}. See
+prompt category and mode; with `--mode all` also auto's token reduction against forced think_on,
+the per-prompt oracle router and the frontier (accuracy against mean tokens of think_off,
+think_on, oracle and auto; auto's agreement with the oracle; `kat_megatron/eval/report.py`).
+Writes OUT/{eval.json, eval.md, samples.jsonl, accuracy.png, tokens.png[, frontier.png]}. See
 `kat_megatron/eval/runner.py` for the prompt format and how modes are forced, and
 `kat_megatron/eval/datasets.py` (docs/eval_data.md) for standard sets: JSONL, parquet or saved
 `datasets` folders, with columns mapped by `--field` and references extracted for a verifier.
@@ -66,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from kat_megatron.eval.metrics import summarize, token_reductions
-    from kat_megatron.eval.report import reduction_lines, write_eval_outputs
+    from kat_megatron.eval.metrics import frontier, summarize, token_reductions
+    from kat_megatron.eval.report import frontier_table, reduction_lines, write_eval_outputs
     from kat_megatron.eval.runner import run_eval, stop_ids
     from kat_megatron.inference.loading import engine_from_checkpoint
     from kat_megatron.parallel.init import shutdown
@@ -108,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
                               for m, o in overall.items()}, indent=2))  # fmt: skip
             for line in reduction_lines(token_reductions(summary)):
                 print(line)
+            front = frontier(samples)
+            if front:
+                print(frontier_table(front))
             print(f"kat eval: wrote {', '.join(str(p) for p in files.values())}")
     finally:
         shutdown()

@@ -23,7 +23,8 @@ the `exact_match` verifier. Judge texts are one short text per category, except 
 `kat eval --forced-judge prefill`) are then in distribution for a model trained on this data (a
 tiny model trained only on the category judges fails after the unseen prefilled judge). With
 the `tiny` tokenizer a whole conversation is at most 84 tokens (hard, think_on, forced judge).
-Everything is deterministic in `seed`.
+Everything is deterministic in `seed`. `synthetic_steps.py` is the second task (one template over
+a range of difficulty, judges per mode), built on this module's helpers.
 """
 
 from __future__ import annotations
@@ -74,20 +75,30 @@ class TaskExample:
         if self.category not in CATEGORIES:
             raise ValueError(f"category={self.category!r}: expected one of {list(CATEGORIES)}")
 
+    def judge(self, mode: str) -> str:
+        """The judge text of an answer in `mode` (this task: one per category)."""
+        return DEFAULT_JUDGE[self.category]
+
 
 def _easy(ex_id: str, rng: random.Random) -> TaskExample:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     return TaskExample(ex_id, "easy", f"What is {a} + {b}?", str(a + b), f"{a} + {b} = {a + b}.")
 
 
-def _hard(ex_id: str, rng: random.Random) -> TaskExample:
-    factors = [rng.randint(2, 9) for _ in range(HARD_FACTORS)]
+def product_mod10(factors: list[int]) -> tuple[str, str, str]:
+    """(question, answer, reasoning) of "What is a * b * ... mod 10?": the chain multiplies the
+    last digit so far by the next factor ("3 * 6 = 18. 8 * 7 = 56."); one factor: "7 mod 10 = 7."."""
     steps, last = [], factors[0]
     for f in factors[1:]:
         steps.append(f"{last} * {f} = {last * f}.")
         last = last * f % 10
     question = "What is " + " * ".join(map(str, factors)) + " mod 10?"
-    return TaskExample(ex_id, "hard", question, str(last), " ".join(steps))
+    return question, str(last), " ".join(steps) or f"{last} mod 10 = {last % 10}."
+
+
+def _hard(ex_id: str, rng: random.Random) -> TaskExample:
+    question, answer, reasoning = product_mod10([rng.randint(2, 9) for _ in range(HARD_FACTORS)])
+    return TaskExample(ex_id, "hard", question, answer, reasoning)
 
 
 def make_tasks(n: int, seed: int, hard_fraction: float = 0.5) -> list[TaskExample]:
@@ -119,11 +130,12 @@ def prompt_record(ex: TaskExample) -> dict[str, Any]:
 
 
 def autothink_answer(ex: TaskExample, mode: str, judge: str | None = None) -> str:
-    """The canonical AutoThink answer of `ex` in `mode` (think_on carries `ex.reasoning`)."""
+    """The canonical AutoThink answer of `ex` in `mode` (think_on carries `ex.reasoning`; the
+    judge is `judge`, default `ex.judge(mode)`)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
     resp = AutoThinkResponse(
-        judge=judge if judge is not None else DEFAULT_JUDGE[ex.category],
+        judge=judge if judge is not None else ex.judge(mode),
         mode=mode,
         answer=ex.answer,
         think=ex.reasoning if mode == "think_on" else None,
@@ -144,12 +156,20 @@ def sft_record(ex: TaskExample, mode: str, judge: str | None = None) -> dict[str
     }
 
 
-def _think_on_flags(
-    examples: list[TaskExample], rng: random.Random, rate: dict[str, float]
+def think_on_flags(
+    examples: list[TaskExample],
+    rng: random.Random,
+    rate: dict[str, float],
+    categories: tuple[str, ...] = CATEGORIES,
 ) -> list[bool]:
-    """Exactly `round(rate[c] * count(c))` examples of each category think_on, chosen by rng."""
+    """Exactly `round(rate[c] * count(c))` examples of each category think_on, chosen by rng
+    (categories drawn in the order of `categories`)."""
+    unknown = set(rate) - set(categories)
+    if unknown:
+        raise ValueError(f"think_on_rate: unknown categories {sorted(unknown)}; known: "
+                         f"{list(categories)}")  # fmt: skip
     flags = [False] * len(examples)
-    for cat in CATEGORIES:
+    for cat in categories:
         idx = [i for i, ex in enumerate(examples) if ex.category == cat]
         r = rate.get(cat, 0.0)
         if not 0.0 <= r <= 1.0:
@@ -159,9 +179,11 @@ def _think_on_flags(
     return flags
 
 
-def _rendered(
+def rendered_records(
     examples: list[TaskExample], flags: list[bool], rng: random.Random, forced_judge_rate: float
 ) -> list[dict[str, Any]]:
+    """SFT records of `examples` (think_on where `flags`), a `forced_judge_rate` fraction (drawn
+    by rng) with `FORCED_JUDGE`, the others with each example's own judge."""
     if not 0.0 <= forced_judge_rate <= 1.0:
         raise ValueError(f"forced_judge_rate: expected in [0, 1], got {forced_judge_rate}")
     forced = set(rng.sample(range(len(examples)), round(forced_judge_rate * len(examples))))
@@ -184,14 +206,10 @@ def coldstart_records(
     Categories missing from `think_on_rate` are all think_off. A `forced_judge_rate` fraction
     carries `FORCED_JUDGE` instead of the category's judge (see the module docstring).
     """
-    unknown = set(think_on_rate) - set(CATEGORIES)
-    if unknown:
-        raise ValueError(f"think_on_rate: unknown categories {sorted(unknown)}; known: "
-                         f"{list(CATEGORIES)}")  # fmt: skip
     examples = make_tasks(n, seed, hard_fraction)
     rng = random.Random(seed + 1)
-    flags = _think_on_flags(examples, rng, think_on_rate)
-    return _rendered(examples, flags, rng, forced_judge_rate)
+    flags = think_on_flags(examples, rng, think_on_rate)
+    return rendered_records(examples, flags, rng, forced_judge_rate)
 
 
 def pretrain_documents(
@@ -205,8 +223,9 @@ def pretrain_documents(
     """
     examples = make_tasks(n, seed, hard_fraction)
     rng = random.Random(seed + 1)
-    flags = _think_on_flags(examples, rng, {"easy": 0.5, "hard": 0.5})
-    return [render_chat(r["messages"]) for r in _rendered(examples, flags, rng, forced_judge_rate)]
+    flags = think_on_flags(examples, rng, {"easy": 0.5, "hard": 0.5})
+    recs = rendered_records(examples, flags, rng, forced_judge_rate)
+    return [render_chat(r["messages"]) for r in recs]
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Path:

@@ -1,8 +1,8 @@
-"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--seed S]`: the whole AutoThink pipeline,
-tiny, on CPU.
+"""`kat demo [--out runs/demo] [--quick] [--nproc 2] [--seed S] [--task easy-hard|steps]`: the
+whole AutoThink pipeline, tiny, on CPU.
 
 Steps (each a real `kat` command on `--nproc` gloo ranks; configs in `examples/demo/`):
-  1. data       synthetic easy/hard sums: teacher corpus (Megatron indexed), prompts, eval set
+  1. data       the synthetic task: teacher corpus (Megatron indexed), prompts, eval set
   2. teacher    pretrain a tiny teacher on the corpus (`stage: pretrain`)
   3. kd         MTP-KD a student with one MTP head from the online teacher (`stage: kd`)
   4. autothink  `kat serve` the teacher; `kat data tag` (forced-mode sampling, majority vote),
@@ -19,17 +19,25 @@ corpus, prompt, eval and gold-row generators; `training.seed` of the teacher, KD
 configs; the per-request seeds of `kat data tag` and `synthesize`; `kat eval --seed`). S = 0 is
 the configuration the README's figures were measured with. The seed is recorded in
 `OUT/seed.json`; resuming a run with another seed is refused.
+
+`--task` picks the synthetic task (`TASKS`): `easy-hard` (default; `data/synthetic_tasks.py`:
+sums answered directly, products mod 10 that need steps) or `steps` (`data/synthetic_steps.py`:
+one template, products of 1 to 5 factors, judges per mode, so the mode has to be learned from
+the content). It is recorded in `OUT/seed.json` with the seed and, like it, fixed for a run.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
+from kat_megatron.data import synthetic_steps as steps
 from kat_megatron.demo.runner import Runner
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
@@ -63,6 +71,29 @@ QUICK = DemoScale(
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DemoTask:
+    """A synthetic task the demo can run on: a data module with `make_tasks(n, seed)`,
+    `pretrain_documents(n, seed)`, `coldstart_records(n, seed, think_on_rate)`, `prompt_record`
+    and `write_jsonl`."""
+
+    module: str
+    gold_think_on_rate: dict[str, float]
+    """Per category, the think_on fraction of gold top-up rows (see `DemoScale.min_sft_rows`)."""
+    judge_templates: dict[str, str] | None = None
+    """`kat data coldstart`'s judge text per mode; None: `examples/demo/coldstart.yaml`'s."""
+
+    def data(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+TASKS = {
+    "easy-hard": DemoTask("kat_megatron.data.synthetic_tasks", {"easy": 0.0, "hard": 1.0}),
+    "steps": DemoTask(steps.__name__, steps.GOLD_THINK_ON_RATE, dict(steps.JUDGE)),
+}
+"""`kat demo --task NAME`; easy-hard is the default and what the README measured."""
+
+
 def latest(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run (raises if there is none)."""
     from kat_megatron.training.checkpoint_meta import latest_checkpoint
@@ -85,11 +116,18 @@ def config_seed(config: str) -> int:
 class Demo:
     """The demo's steps over one output directory."""
 
-    def __init__(self, out: Path, scale: DemoScale, nproc: int, echo=print, seed: int = 0) -> None:
+    def __init__(
+        self, out: Path, scale: DemoScale, nproc: int, echo=print, seed: int = 0,
+        task: str = "easy-hard",
+    ) -> None:  # fmt: skip
+        if task not in TASKS:
+            raise ValueError(f"task={task!r}: expected one of {list(TASKS)}")
         self.out = Path(out)
         self.s = scale
         self.nproc = nproc
         self.seed = seed
+        self.task_name = task
+        self.task = TASKS[task]
         self.data = self.out / "data"
         self.r = Runner(self.out, total=len(self.steps()), echo=echo)
 
@@ -98,18 +136,22 @@ class Demo:
         return base + SEED_STRIDE * self.seed
 
     def check_seed(self) -> None:
-        """Record the run's seed in OUT/seed.json; refuse to resume a run made with another."""
+        """Record the run's seed and task in OUT/seed.json; refuse to resume a run made with
+        others (a file without a task is an easy-hard run)."""
         path = self.out / "seed.json"
         if path.is_file():
-            recorded = json.loads(path.read_text())["seed"]
-            if recorded != self.seed:
-                raise ValueError(
-                    f"{self.out} was started with --seed {recorded}; rerun with --seed "
-                    f"{recorded} to resume it, or --restart to start over with --seed {self.seed}"
-                )
+            doc = json.loads(path.read_text())
+            recorded_task = doc.get("task", "easy-hard")
+            checks = (("--seed", doc["seed"], self.seed), ("--task", recorded_task, self.task_name))
+            for flag, recorded, mine in checks:
+                if recorded != mine:
+                    raise ValueError(
+                        f"{self.out} was started with {flag} {recorded}; rerun with {flag} "
+                        f"{recorded} to resume it, or --restart to start over with {flag} {mine}"
+                    )
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seed": self.seed}) + "\n")
+        path.write_text(json.dumps({"seed": self.seed, "task": self.task_name}) + "\n")
 
     def steps(self):
         return [
@@ -132,9 +174,9 @@ class Demo:
 
     # 1
     def make_data(self) -> None:
-        from kat_megatron.data import synthetic_tasks as st
         from kat_megatron.data.preprocess import preprocess_jsonl
 
+        st = self.task.data()
         docs = st.pretrain_documents(self.s.corpus_docs, seed=self.stage_seed(1))
         corpus = st.write_jsonl(self.data / "corpus.jsonl", ({"text": d} for d in docs))
         preprocess_jsonl([corpus], self.data / "corpus", "tiny", workers=1, progress=False)
@@ -142,8 +184,8 @@ class Demo:
             seed = self.stage_seed(base)
             recs = [{**st.prompt_record(ex), "intent": "math"} for ex in st.make_tasks(n, seed)]
             st.write_jsonl(self.data / f"{name}.jsonl", recs)
-        self.r.echo(f"    {len(docs)} corpus documents, {self.s.prompts} prompts, "
-                    f"{self.s.eval_prompts} eval prompts in {self.data}")  # fmt: skip
+        self.r.echo(f"    task {self.task_name}: {len(docs)} corpus documents, {self.s.prompts} "
+                    f"prompts, {self.s.eval_prompts} eval prompts in {self.data}")  # fmt: skip
 
     def _train(self, config: str, run: str, *overrides: str) -> Path:
         run_dir = self.out / run
@@ -184,22 +226,23 @@ class Demo:
                 f"input={work / 'tag' / 'data.jsonl'}", f"output={work / 'synth'}",
                 f"seed={self.stage_seed(0)}",
             )  # fmt: skip
+        judges = self.task.judge_templates
         self.r.kat(
             "data", "coldstart", str(EXAMPLES / "coldstart.yaml"),
             f"input={work / 'synth' / 'data.jsonl'}", f"output={work / 'coldstart'}",
+            *([f"judge_templates={json.dumps(judges)}"] if judges else []),
         )  # fmt: skip
         self._sft_rows(work)
 
     def _sft_rows(self, work: Path) -> None:
         """`autothink/sft.jsonl`: the cold-start rows, topped up with gold rows if too few."""
-        from kat_megatron.data import synthetic_tasks as st
-
+        st = self.task.data()
         made = [json.loads(x) for x in (work / "coldstart" / "data.jsonl").read_text().splitlines()]
         gold = []
         if len(made) < self.s.min_sft_rows:
             need = self.s.min_sft_rows - len(made)
             gold = st.coldstart_records(
-                need, seed=self.stage_seed(4), think_on_rate={"easy": 0.0, "hard": 1.0}
+                need, seed=self.stage_seed(4), think_on_rate=self.task.gold_think_on_rate
             )
             self.r.echo(
                 f"    WARNING: the teacher's pipeline kept {len(made)} rows (< {self.s.min_sft_rows}"
@@ -256,13 +299,14 @@ class Demo:
             rl_metrics_jsonl=self.out / "student_rl" / "metrics.jsonl",
             eval_json_by_mode={"all": self.out / "eval" / "student_rl" / "eval.json"},
             extra_sections=self._sections(),
-            title="AutoThink demo report (the Step-SRPO student)",
+            title=f"AutoThink demo report (the Step-SRPO student, task {self.task_name})",
         )
         self.r.echo(f"    report: {path}")
 
     def _sections(self) -> dict[str, str]:
         sft_md = (self.out / "eval" / "student_sft" / "eval.md").read_text().split("\n", 1)[-1]
-        for png in ("accuracy.png", "tokens.png"):  # the SFT run's own plots, not the report's
+        # the SFT run's own plots, not the report's
+        for png in ("accuracy.png", "tokens.png", "frontier.png"):
             sft_md = sft_md.replace(f"]({png})", f"](eval/student_sft/{png})")
         sft_md = sft_md.replace("\n## ", "\n### ")
         stats = json.loads((self.out / "autothink" / "sft_stats.json").read_text())
@@ -291,11 +335,15 @@ class Demo:
 
 
 def run_demo(
-    out: Path, quick: bool = False, nproc: int = 2, restart: bool = False, seed: int = 0
-) -> Path:
-    """Run (or resume) the demo into `out` with pipeline seed `seed`; return the report's path."""
+    out: Path, quick: bool = False, nproc: int = 2, restart: bool = False, seed: int = 0,
+    task: str = "easy-hard",
+) -> Path:  # fmt: skip
+    """Run (or resume) the demo of `task` into `out` with pipeline seed `seed`; return the
+    report's path."""
     out = Path(out)
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: expected one of {list(TASKS)}")
     if restart and out.exists():
         shutil.rmtree(out)
-    demo = Demo(out, QUICK if quick else FULL, nproc, seed=seed)
+    demo = Demo(out, QUICK if quick else FULL, nproc, seed=seed, task=task)
     return demo.run()

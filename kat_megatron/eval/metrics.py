@@ -155,3 +155,103 @@ def token_reductions(summary: dict[str, Any]) -> dict[str, Any]:
         return {}
     auto, on = summary["auto"], summary["think_on"]
     return {c: token_reduction(auto[c], on[c]) for c in auto if c in on}
+
+
+FRONTIER_ROUTERS = ("think_off", "think_on", "oracle", "auto")
+"""Rows of the frontier: the two forced modes, the per-prompt oracle router, the model's choice."""
+FRONTIER_KEYS = ("prompts", "samples", "accuracy", "tokens_mean", "think_on_rate")
+"""The `summarize_group` metrics each frontier row keeps."""
+
+
+def _mode_stats(samples: Sequence[SampleResult]) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """{(prompt id, mode): (correct, samples, output tokens)}."""
+    acc: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for s in samples:
+        row = acc[(s.id, s.mode)]
+        row[0] += int(s.correct)
+        row[1] += 1
+        row[2] += s.output_tokens
+    return {k: (v[0], v[1], v[2]) for k, v in acc.items()}
+
+
+def oracle_modes(samples: Sequence[SampleResult]) -> dict[str, str]:
+    """The oracle router's mode of every prompt with samples in both forced modes.
+
+    The forced mode with the higher pass rate (correct / samples of that prompt in that mode);
+    on equal pass rates the cheaper one, with fewer mean output tokens on that prompt; think_off
+    when those are equal too. Rates and means are compared as exact fractions.
+    """
+    stats = _mode_stats(samples)
+    out = {}
+    for pid in dict.fromkeys(s.id for s in samples):
+        if (pid, "think_on") not in stats or (pid, "think_off") not in stats:
+            continue
+        c_on, n_on, t_on = stats[(pid, "think_on")]
+        c_off, n_off, t_off = stats[(pid, "think_off")]
+        on_better = c_on * n_off > c_off * n_on
+        tie_on_cheaper = c_on * n_off == c_off * n_on and t_on * n_off < t_off * n_on
+        out[pid] = "think_on" if on_better or tie_on_cheaper else "think_off"
+    return out
+
+
+def _frontier_group(
+    samples: Sequence[SampleResult], oracle: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    by_mode: dict[str, list[SampleResult]] = defaultdict(list)
+    for s in samples:
+        by_mode[s.mode].append(s)
+    groups = {m: by_mode[m] for m in ("think_off", "think_on")}
+    groups["oracle"] = [s for s in samples if s.mode == oracle[s.id]]
+    if by_mode.get("auto"):
+        groups["auto"] = by_mode["auto"]
+    rows = {}
+    for name, group in groups.items():
+        metrics = summarize_group(group)
+        rows[name] = {k: metrics[k] for k in FRONTIER_KEYS}
+    if "auto" in rows:
+        auto = groups["auto"]
+        rows["auto"]["oracle_agreement"] = sum(s.parsed_mode == oracle[s.id] for s in auto) / len(
+            auto
+        )
+        oracle_tokens = rows["oracle"]["tokens_mean"]
+        rows["auto"]["tokens_over_oracle"] = (
+            rows["auto"]["tokens_mean"] / oracle_tokens if oracle_tokens > 0 else 0.0
+        )
+    return rows
+
+
+def frontier(samples: Sequence[SampleResult]) -> dict[str, Any]:
+    """Accuracy against mean output tokens of think_off, think_on, the oracle router and auto.
+
+    `{category: {router: metrics}, ..., "overall": {...}}` (categories sorted), over the prompts
+    with samples in both forced modes (`oracle_modes`; other prompts are left out of every row,
+    auto's included); `{}` when there are none. Each router's metrics are `FRONTIER_KEYS` of
+    `summarize_group` over its samples: the oracle router's are, per prompt, the samples of its
+    oracle mode (accuracy = mean over prompts of that mode's pass rate; think_on_rate = the
+    fraction of its samples routed to think_on). auto also gets `oracle_agreement` (the
+    fraction of auto samples whose parsed mode is the prompt's oracle mode; no mode token
+    counts as a disagreement) and `tokens_over_oracle` (its mean tokens / the oracle's).
+    """
+    oracle = oracle_modes(samples)
+    kept = [s for s in samples if s.id in oracle and s.mode in FRONTIER_ROUTERS]
+    if not kept:
+        return {}
+    cats: dict[str, list[SampleResult]] = defaultdict(list)
+    for s in kept:
+        cats[s.category].append(s)
+    out = {c: _frontier_group(cats[c], oracle) for c in sorted(cats)}
+    out[OVERALL] = _frontier_group(kept, oracle)
+    return out
+
+
+def with_oracle_agreement(summary: dict[str, Any], front: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `summary` whose auto groups carry `oracle_agreement` from `frontier`'s rows."""
+    if "auto" not in summary:
+        return summary
+    auto = {
+        cat: {**row, "oracle_agreement": front[cat]["auto"]["oracle_agreement"]}
+        if "auto" in front.get(cat, {})
+        else row
+        for cat, row in summary["auto"].items()
+    }
+    return {**summary, "auto": auto}

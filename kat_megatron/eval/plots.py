@@ -98,3 +98,38 @@ def lines_over_steps(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+ROUTER_MARKERS = {"think_off": "s", "think_on": "^", "oracle": "*", "auto": "o"}
+
+
+def frontier_plot(
+    front: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | os.PathLike
+) -> Path:
+    """Accuracy against mean output tokens, one panel per group of `front` (`metrics.frontier`'s
+    output: `{category: {router: {accuracy, tokens_mean, ...}}}`), one marker per router."""
+    from matplotlib.figure import Figure
+
+    groups = list(front)
+    cols = min(len(groups), 3)
+    rows = -(-len(groups) // cols)
+    fig = Figure(figsize=(3.4 * cols, 3.0 * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, group in zip(axes, groups):
+        for router, row in front[group].items():
+            # hollow markers of decreasing size: coinciding points stay visible
+            i = list(ROUTER_MARKERS).index(router) if router in ROUTER_MARKERS else 4
+            color = f"C{i}"
+            ax.scatter([float(row["tokens_mean"])], [float(row["accuracy"])], s=120 - 25 * i,
+                       marker=ROUTER_MARKERS.get(router, "x"), facecolors="none",
+                       edgecolors=color, linewidths=1.5, label=router)  # fmt: skip
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("mean output tokens", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.set_ylim(-0.05, 1.1)
+        ax.margins(x=0.25)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7, loc="best")
+    return _save(fig, path)

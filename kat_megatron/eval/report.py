@@ -1,5 +1,13 @@
 """Outputs of `kat eval` (eval.json, eval.md, samples.jsonl, plots) and the demo's report.md.
 
+eval.json holds `meta`, `summary` (`metrics.summarize`; with think_on, think_off and auto
+evaluated together, auto's groups also carry `oracle_agreement`), `token_reduction`
+(`metrics.token_reductions`) and, when both forced modes were evaluated, `frontier`
+(`metrics.frontier`: `{category | "overall": {think_off | think_on | oracle | auto: {prompts,
+samples, accuracy, tokens_mean, think_on_rate}}}`, auto with `oracle_agreement` and
+`tokens_over_oracle`) and `oracle_modes` (`{prompt id: think_on | think_off}`); these keys are
+stable. The frontier is also a table in eval.md and frontier.png.
+
 `python -c "from kat_megatron.eval.report import write_report; print(write_report('runs/demo',
 rl_metrics_jsonl='runs/demo/rl/metrics.jsonl', eval_json_by_mode={'all':
 'runs/demo/eval/eval.json'}))"` writes runs/demo/report.md with its PNG plots.
@@ -15,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from kat_megatron.eval.metrics import (
+    FRONTIER_ROUTERS,
     OVERALL,
     SampleResult,
+    frontier,
+    oracle_modes,
     reduction_sentence,
     token_reductions,
+    with_oracle_agreement,
 )
-from kat_megatron.eval.plots import bars_by_mode, lines_over_steps, ordered_modes
+from kat_megatron.eval.plots import bars_by_mode, frontier_plot, lines_over_steps, ordered_modes
 from kat_megatron.utils.io import atomic_write_text
 
 TABLE_COLUMNS = (
@@ -54,6 +66,39 @@ def metrics_table(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str
     return "\n".join(lines)
 
 
+def frontier_table(front: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """A markdown table of `metrics.frontier`: a row per (category, router), overall last."""
+    lines = [
+        "| category | router | prompts | accuracy | mean tokens | think-on | oracle agreement "
+        "| tokens / oracle |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    cats = sorted(c for c in front if c != OVERALL) + [OVERALL] * (OVERALL in front)
+    for cat in cats:
+        for router in (r for r in FRONTIER_ROUTERS if r in front[cat]):
+            row = front[cat][router]
+            agree = f"{row['oracle_agreement']:.3f}" if "oracle_agreement" in row else ""
+            ratio = f"{row['tokens_over_oracle']:.2f}" if "tokens_over_oracle" in row else ""
+            lines.append(
+                f"| {cat} | {router} | {row['prompts']} | {row['accuracy']:.3f} | "
+                f"{row['tokens_mean']:.1f} | {row['think_on_rate']:.2f} | {agree} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+FRONTIER_INTRO = (
+    "The oracle router takes, per prompt, the forced mode with the higher pass rate over its "
+    "samples (on ties the one with fewer mean output tokens); oracle agreement is the fraction "
+    "of auto samples whose chosen mode is the prompt's oracle mode."
+)
+
+
+def frontier_section(front: Mapping[str, Any], png: Path | None, heading: str) -> list[str]:
+    """Markdown lines: `heading`, the intro, the frontier table and the PNG link."""
+    md = [heading, "", FRONTIER_INTRO, "", frontier_table(front), ""]
+    return md + ([f"![frontier]({png.name})", ""] if png else [])
+
+
 def reduction_lines(reductions: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown bullets, overall first: "- overall: auto uses 31.2% fewer tokens ..."."""
     keys = [OVERALL] * (OVERALL in reductions) + sorted(k for k in reductions if k != OVERALL)
@@ -77,10 +122,15 @@ def write_eval_outputs(
     samples: Sequence[SampleResult],
     meta: Mapping[str, Any],
 ) -> dict[str, Path]:
-    """eval.json ({meta, summary, token_reduction}), eval.md, samples.jsonl and the plots."""
+    """eval.json (see the module docstring), eval.md, samples.jsonl and the plots (with both
+    forced modes also frontier.png)."""
     out = Path(out_dir)
     reductions = token_reductions(summary)
+    front = frontier(samples)
+    summary = with_oracle_agreement(summary, front)
     doc = {"meta": dict(meta), "summary": summary, "token_reduction": reductions}
+    if front:
+        doc.update(frontier=front, oracle_modes=oracle_modes(samples))
     atomic_write_text(out / "eval.json", json.dumps(doc, indent=2) + "\n")
     atomic_write_text(
         out / "samples.jsonl", "".join(json.dumps(s.to_dict()) + "\n" for s in samples)
@@ -91,6 +141,9 @@ def write_eval_outputs(
     md += ["", metrics_table(summary), ""]
     if reductions:
         md += ["## Auto against forced think_on", "", *reduction_lines(reductions), ""]
+    if front:
+        plots["frontier"] = frontier_plot(front, out / "frontier.png")
+        md += frontier_section(front, None, "## Frontier: accuracy against tokens")
     md += [f"![{name}]({path.name})" for name, path in plots.items()]
     atomic_write_text(out / "eval.md", "\n".join(md) + "\n")
     files = {"eval.json": out / "eval.json", "eval.md": out / "eval.md"}
@@ -128,6 +181,17 @@ def merge_eval_summaries(
         else:
             merged.update(summary)
     return merged
+
+
+def merge_frontiers(
+    eval_json_by_mode: Mapping[str, str | os.PathLike | Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The `frontier` of the last of the eval.json files (or loaded dicts) that has one; {}."""
+    found: dict[str, Any] = {}
+    for src in eval_json_by_mode.values():
+        doc = src if isinstance(src, Mapping) else json.loads(Path(src).read_text())
+        found = doc.get("frontier") or found
+    return found
 
 
 def _rl_section(
@@ -175,7 +239,8 @@ def write_report(
     """Write `out_dir/report.md` with PNG plots next to it; return its path.
 
     - Evaluation (from `eval_json_by_mode`, see `merge_eval_summaries`): the metrics table,
-      auto-vs-think_on token reduction, accuracy and mean tokens per mode and category.
+      auto-vs-think_on token reduction, accuracy and mean tokens per mode and category, and the
+      frontier table and frontier.png when an eval.json has a `frontier` (`merge_frontiers`).
     - Step-SRPO (from `rl_metrics_jsonl`): reward (`reward_key` and its `reward/*` siblings) and
       think-on rate (`think_on_key` and `think_on_key/<category>`) over `step_key`, first/last.
     - `extra_sections`: (title, markdown) pairs appended as they are.
@@ -191,6 +256,10 @@ def write_report(
             md += ["Auto against forced think_on:", "", *reduction_lines(reductions), ""]
         plots = plot_summary(summary, out)
         md += [f"![{name}]({path.name})" for name, path in plots.items()] + [""]
+        front = merge_frontiers(eval_json_by_mode)
+        if front:
+            png = frontier_plot(front, out / "frontier.png")
+            md += frontier_section(front, png, "### Frontier: accuracy against tokens")
     if rl_metrics_jsonl is not None:
         rows = read_jsonl_rows(rl_metrics_jsonl)
         md += _rl_section(rows, out, step_key, reward_key, think_on_key)

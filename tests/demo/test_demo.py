@@ -55,6 +55,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     for run in ("student_sft", "student_rl"):
         ev = json.loads((out / "eval" / run / "eval.json").read_text())
         assert set(ev["summary"]) == {"auto", "think_on", "think_off"}
+        assert list(ev["frontier"]["overall"]) == ["think_off", "think_on", "oracle", "auto"]
+        assert "oracle_agreement" in ev["summary"]["auto"]["overall"]
 
     from transformers import AutoModelForCausalLM
 
@@ -64,9 +66,12 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     report = (out / "report.md").read_text()
     for heading in ("## Evaluation", "## Step-SRPO training", "## Before RL: the SFT student"):
         assert heading in report
-    for png in ("accuracy.png", "tokens.png", "rl_reward.png", "rl_think_on_rate.png"):
+    assert "### Frontier: accuracy against tokens" in report
+    for png in ("accuracy.png", "tokens.png", "frontier.png", "rl_reward.png",
+                "rl_think_on_rate.png"):  # fmt: skip
         assert (out / png).stat().st_size > 1000 and f"({png})" in report
-    for png in ("eval/student_sft/accuracy.png", "eval/student_sft/tokens.png"):  # SFT section
+    for png in ("eval/student_sft/accuracy.png", "eval/student_sft/tokens.png",
+                "eval/student_sft/frontier.png"):  # SFT section  # fmt: skip
         assert (out / png).stat().st_size > 1000 and f"({png})" in report
 
     again = _demo(out)
