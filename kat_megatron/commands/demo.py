@@ -1,11 +1,23 @@
 """`kat demo [--out runs/demo] [--quick] [--nproc 2] [--seed S] [--task easy-hard|steps]
-[--restart]` (what `make demo` runs, with the default task)."""
+[--restart] [--ablation [--seeds 0,1,2]]` (what `make demo` runs, with the default task)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,7 +30,14 @@ def run(args: argparse.Namespace) -> int:
             args.out, quick=args.quick, nproc=args.nproc, restart=args.restart, seed=args.seed,
             task=args.task,
         )  # fmt: skip
-    except ValueError as err:  # a resume with another --seed or --task
+        if args.ablation:
+            from kat_megatron.demo.ablation import ablate
+
+            report = ablate(
+                args.out, _seeds(args.seeds), quick=args.quick, nproc=args.nproc,
+                seed=args.seed, task=args.task,
+            )  # fmt: skip
+    except ValueError as err:  # a resume with another --seed or --task, bad --seeds
         print(f"demo: {err}", file=sys.stderr)
         return 2
     except StepFailed as err:
@@ -52,4 +71,9 @@ def register(sub) -> None:
                    help="synthetic task: easy-hard (default: sums vs products, README's figures) "
                         "or steps (products of 1-5 factors, one template; the mode must be "
                         "learned from the content)")  # fmt: skip
+    p.add_argument("--ablation", action="store_true",
+                   help="after the demo, train Step-SRPO, GRPO (mode_weight 0) and no RL from its "
+                        "SFT checkpoint for each of --seeds; means and 95%% intervals in "
+                        "OUT/ablation/ablation.md (not part of make demo)")  # fmt: skip
+    p.add_argument("--seeds", default="0,1,2", help="ablation seeds (default 0,1,2)")
     p.set_defaults(func=run)

@@ -20,6 +20,9 @@ configs; the per-request seeds of `kat data tag` and `synthesize`; `kat eval --s
 the configuration the README's figures were measured with. The seed is recorded in
 `OUT/seed.json`; resuming a run with another seed is refused.
 
+`kat demo --ablation --seeds 0,1,2` then trains Step-SRPO, GRPO (mode_weight 0) and no RL from this run's
+SFT checkpoint for every seed and reports means and 95% intervals (`demo/ablation.py`).
+
 `--task` picks the synthetic task (`TASKS`): `easy-hard` (default; `data/synthetic_tasks.py`:
 sums answered directly, products mod 10 that need steps) or `steps` (`data/synthetic_steps.py`:
 one template, products of 1 to 5 factors, judges per mode, so the mode has to be learned from

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = pytest.mark.timeout(2400)  # the demo, its resume and a one-seed ablation
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _demo(out: Path) -> str:
+def _demo(out: Path, *extra: str) -> str:
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as f:
         rc = subprocess.call(
-            [sys.executable, "-m", "kat_megatron.cli", "demo", "--quick", "--out", str(out)],
+            [sys.executable, "-m", "kat_megatron.cli", "demo", "--quick", "--out", str(out),
+             *extra],
             stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, timeout=1100,
         )  # fmt: skip
     text = log.read_text()
@@ -76,3 +77,23 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
 
     again = _demo(out)
     assert again.count("done earlier") == 9
+
+    # --ablation (one seed at quick scale): the demo resumes, then Step-SRPO, GRPO, no RL.
+    text = _demo(out, "--ablation", "--seeds", "0")
+    assert text.count("done earlier") == 9 and "[5/5] eval_no_rl_s0: finished" in text
+    agg = json.loads((out / "ablation" / "ablation.json").read_text())
+    assert agg["seeds"] == {"step_srpo": [0], "grpo": [0], "no_rl": [0]}
+    # no_rl is the SFT checkpoint evaluated with the demo's eval seed: the demo's SFT figures.
+    sft = json.loads((out / "eval" / "student_sft" / "eval.json").read_text())["summary"]["auto"]
+    for cat, row in agg["arms"]["no_rl"].items():
+        assert row["accuracy"]["mean"] == sft[cat]["accuracy"]
+        assert row["tokens_mean"]["mean"] == sft[cat]["tokens_mean"]
+    # Step 1 of both RL arms samples from the SFT weights with the demo RL run's seed: the same
+    # rollouts and answer rewards as the demo's own Step-SRPO run (mode_weight moves only the
+    # mode reward, its weight in reward/total, and the advantages).
+    for arm in ("step_srpo", "grpo"):
+        rows = (out / "ablation" / f"{arm}_s0" / "metrics.jsonl").read_text().splitlines()
+        first = json.loads(rows[0])
+        for key in ("response_tokens", "think_on_rate", "reward/answer"):
+            assert first[key] == pytest.approx(rl[0][key], rel=1e-6), (arm, key)
+    assert "| step_srpo - grpo (paired) |" in (out / "ablation" / "ablation.md").read_text()
