@@ -28,6 +28,7 @@ def _defaults(name: str) -> tuple[object, str, dict, tuple[str, ...]]:
             global_batch=t.global_batch_size,
             micro_batch=t.micro_batch_size,
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            grad_reduce_dtype=cfg.optimizer.grad_reduce_dtype,
         )
         return model, shown, batch, ()
     return model, shown, {}, (f"model.preset={name}",)
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         "global_batch": args.global_batch,
         "micro_batch": args.micro_batch,
         "distributed_optimizer": False if args.no_distributed_optimizer else None,
+        "grad_reduce_dtype": args.grad_reduce_dtype,
     }
     batch.update({k: v for k, v in given.items() if v is not None})
     opts = PlanOptions(
@@ -112,6 +114,11 @@ def register(sub) -> None:
         help="activation recompute; auto picks the cheapest that fits",
     )
     p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument(
+        "--grad-reduce-dtype",
+        choices=("fp32", "bf16"),
+        help="gradient buffer dtype (optimizer.grad_reduce_dtype; default fp32 or the config's)",
+    )
     p.add_argument("--moe-load-factor", type=float, default=1.2, help="busiest/mean expert load")
     p.add_argument("--reserve-gb", type=float, default=4.0, help="CUDA context, NCCL, workspaces")
     p.add_argument("--fragmentation", type=float, default=0.10, help="of activation memory")

@@ -81,6 +81,12 @@ class ModelConfig:
     kernels where torch has them; docs/attention.md) or `unfused` (Megatron-Core's
     DotProductAttention, the full score matrix: the reference). Ignored with backend te
     (Transformer Engine chooses its own fused attention)."""
+    swiglu_fusion: bool | None = None
+    """Megatron-Core's fused SwiGLU (`bias_activation_fusion`, `fusions/fused_bias_swiglu.py`):
+    one autograd function keeps only FC1's output, so the MLP saves 3x its FFN width for
+    backward instead of 5x (experts: 3x instead of 6x; docs/scaling.md). None: on with
+    activation swiglu (Megatron-Core fuses SiLU only with a gated linear unit), off with gelu
+    (true there is an error). On CPU the same function runs eagerly (`parallel/cpu_adapter.py`)."""
     fp8: str | None = None
     """None, `hybrid` or `e4m3` (needs backend te and CUDA)."""
     fp8_recipe: str = "delayed"
@@ -143,10 +149,26 @@ class ModelConfig:
             _positive(s, "mtp_num_layers", self.mtp_num_layers, allow_zero=True)
         if self.fp8 is not None and self.backend == "local":
             raise ValueError("model.fp8 needs Transformer Engine: set model.backend=te (or auto)")
+        if self.swiglu_fusion not in (None, True, False):
+            raise ValueError(
+                f"model.swiglu_fusion={self.swiglu_fusion!r}: expected true, false or null"
+            )
+        if self.swiglu_fusion and self.activation != "swiglu":
+            raise ValueError(
+                f"model.swiglu_fusion=true needs model.activation=swiglu (got {self.activation}); "
+                "Megatron-Core fuses only SiLU with a gated linear unit"
+            )
 
     @property
     def is_moe(self) -> bool:
         return self.num_moe_experts is not None
+
+    @property
+    def swiglu_fused(self) -> bool:
+        """Whether the MLPs run Megatron-Core's fused SwiGLU (`swiglu_fusion` resolved)."""
+        if self.swiglu_fusion is None:
+            return self.activation == "swiglu"
+        return self.swiglu_fusion
 
     @property
     def head_dim(self) -> int:
@@ -161,7 +183,8 @@ def expert_tp_size(tp: int, etp: int | None) -> int:
 
 @dataclass
 class ParallelConfig:
-    """Layout. world size = tp * pp * cp * dp; ep divides dp * cp (Megatron-Core's rule)."""
+    """Layout. world size = tp * pp * cp * dp, divisible by etp * ep * pp (Megatron-Core's rules:
+    experts may spread over tensor-parallel ranks)."""
 
     tp: int = 1
     """Tensor-parallel size."""
@@ -169,6 +192,13 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B."""
+    first_stage_layers: int | None = None
+    """Decoder layers on the first pipeline stage (Megatron-Core's
+    `num_layers_in_first_pipeline_stage`); None: an even share. The stages between the first
+    and the last split the remaining layers evenly (`pipeline_split`)."""
+    last_stage_layers: int | None = None
+    """Decoder layers on the last pipeline stage (`num_layers_in_last_pipeline_stage`), e.g. fewer
+    to make room for the output layer and loss; None: an even share."""
     ep: int = 1
     """Expert-parallel size (MoE)."""
     etp: int | None = None
@@ -193,6 +223,11 @@ class ParallelConfig:
                 raise ValueError("parallel.vpp needs parallel.pp > 1")
         if self.etp is not None:
             _positive(s, "etp", self.etp)
+        for name in ("first_stage_layers", "last_stage_layers"):
+            if getattr(self, name) is not None:
+                _positive(s, name, getattr(self, name))
+                if self.pp == 1:
+                    raise ValueError(f"parallel.{name} needs parallel.pp > 1")
         _choice(s, "dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
@@ -239,6 +274,10 @@ class OptimizerConfig:
     decay_style: str = "cosine"
     decay_steps: int | None = None
     """Steps of decay after warmup ends; None means training.steps - warmup_steps."""
+    grad_reduce_dtype: str = "fp32"
+    """Dtype of the DDP gradient buffers and their data-parallel reduction: `fp32` (Megatron-
+    Core's `grad_reduce_in_fp32`: 4 bytes per parameter) or `bf16` (the parameters' dtype, 2
+    bytes; needs training.precision=bf16, an error otherwise). `kat plan` counts the same."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -247,6 +286,7 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.min_lr={self.min_lr}: expected in [0, optimizer.lr]")
         _positive("optimizer", "warmup_steps", self.warmup_steps, allow_zero=True)
         _choice("optimizer", "decay_style", self.decay_style, ("cosine", "linear", "constant"))
+        _choice("optimizer", "grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
         if self.clip_grad < 0:
             raise ValueError(f"optimizer.clip_grad={self.clip_grad}: expected >= 0")
 
@@ -563,6 +603,14 @@ class KatConfig:
 
     def __post_init__(self) -> None:
         check_layout(self.model, self.parallel)
+        if self.optimizer.grad_reduce_dtype == "bf16" and self.training.precision in (
+            "fp32",
+            "fp16",
+        ):
+            raise ValueError(
+                "optimizer.grad_reduce_dtype=bf16 needs bf16 parameters "
+                f"(training.precision={self.training.precision}); use fp32"
+            )
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length} exceeds "
@@ -587,13 +635,7 @@ def check_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None
         raise ValueError(
             f"parallel.tp={tp} does not divide model.ffn_hidden_size={model.ffn_hidden_size}"
         )
-    stages = pp * (par.vpp or 1)
-    if model.num_layers % stages:
-        what = f"parallel.pp={pp}" + (f" x parallel.vpp={par.vpp}" if par.vpp else "")
-        raise ValueError(
-            f"{what} does not divide model.num_layers={model.num_layers}; "
-            f"choose pp from {_divisors(model.num_layers)}"
-        )
+    pipeline_split(model.num_layers, par)
     if ep > 1 and not model.is_moe:
         raise ValueError(f"parallel.ep={ep} needs an MoE model (model.num_moe_experts is unset)")
     if model.is_moe and model.num_moe_experts % ep:
@@ -611,12 +653,47 @@ def check_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None
                 f"(parallel.tp={tp}, parallel.pp={pp}, parallel.cp={par.cp}); start a multiple "
                 f"of {mp} ranks (e.g. --nproc {mp}) or shrink the layout"
             )
-        dp = world_size // mp
-        if (dp * par.cp) % ep:
+        expert_mp = par.etp_size * ep * pp
+        if world_size % expert_mp:
             raise ValueError(
-                f"parallel.ep={ep} must divide data-parallel x context-parallel size "
-                f"{dp * par.cp} (world size {world_size} / tp*pp={tp * pp})"
+                f"world size {world_size} is not divisible by etp*ep*pp={expert_mp} "
+                f"(parallel.etp={par.etp_size}, parallel.ep={ep}, parallel.pp={pp}); "
+                "Megatron-Core's expert groups need it"
             )
+
+
+def pipeline_split(num_layers: int, par: ParallelConfig) -> list[int]:
+    """Decoder layers on each pipeline rank, or ValueError (one line) for a split Megatron-Core
+    0.16.1 refuses (`TransformerConfig.__post_init__`, `get_num_layers_to_build`).
+
+    Even (no first/last given): pp * vpp divides the layers. Uneven: the first and/or last stage
+    take the given counts, the stages between share the rest evenly (there must be some iff
+    layers remain); with vpp every stage's count is a multiple of vpp. Each rank's layers are
+    split into vpp chunks; chunk v of all ranks covers layers [v*L/vpp, (v+1)*L/vpp)."""
+    pp, vpp, first, last = par.pp, par.vpp or 1, par.first_stage_layers, par.last_stage_layers
+    if first is None and last is None:
+        if num_layers % (pp * vpp):
+            what = f"parallel.pp={pp}" + (f" x parallel.vpp={par.vpp}" if par.vpp else "")
+            raise ValueError(
+                f"{what} does not divide model.num_layers={num_layers}; choose pp from "
+                f"{_divisors(num_layers)} or set parallel.first_stage_layers/last_stage_layers"
+            )
+        return [num_layers // pp] * pp
+    ends = {"first_stage_layers": first, "last_stage_layers": last}
+    given = {k: v for k, v in ends.items() if v is not None}
+    for name, n in given.items():
+        if n % vpp:
+            raise ValueError(f"parallel.{name}={n} is not a multiple of parallel.vpp={vpp}")
+    middle, stages = num_layers - sum(given.values()), pp - len(given)
+    if middle < 0 or bool(middle) != bool(stages) or (stages and middle % (stages * vpp)):
+        raise ValueError(
+            f"parallel.first_stage_layers={first}, last_stage_layers={last} leave {middle} of "
+            f"model.num_layers={num_layers} layers for {stages} middle stage(s) of parallel.pp="
+            f"{pp}; they must split evenly"
+            + (f" in multiples of parallel.vpp={vpp}" if par.vpp else "")
+        )
+    per = middle // stages if stages else 0
+    return [first or per] + [per] * (pp - 2) + [last or per]
 
 
 def _divisors(n: int) -> list[int]:

@@ -117,7 +117,8 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
-        bias_activation_fusion=False,
+        # Megatron-Core's fused SwiGLU (MLP, experts, shared experts): model.swiglu_fusion.
+        bias_activation_fusion=model.swiglu_fused,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -128,6 +129,10 @@ def transformer_config(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         **parallel.mcore_sizes(),
+        # Uneven pipeline stages; specs.decoder_block_spec follows them through Megatron-Core's
+        # get_num_layers_to_build / get_transformer_layer_offset.
+        num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
         sequence_parallel=parallel.sp,
         use_cpu_initialization=not torch.cuda.is_available(),
         deterministic_mode=not torch.cuda.is_available(),

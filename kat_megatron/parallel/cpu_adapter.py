@@ -17,6 +17,10 @@ covered by `tests/parallel/test_cpu_adapter.py`:
 - `causal_masks`: the default causal and sliding-window masks are built with `device="cuda"`;
   activation recomputation reruns attention inside an autograd Function, where torch does not
   apply function modes, so `device_mode` cannot catch these two.
+- `eager_swiglu`: the fused SwiGLU's kernels (`fusions/fused_bias_swiglu.py`, wrapped in
+  `torch.compile` by `megatron.core.jit`) run as the plain torch functions they wrap. Its
+  autograd functions, and so what they save for backward, are unchanged; inductor's C++ build
+  would cost each CPU process ~7-25 s for no gain at tiny sizes (`model.swiglu_fusion`).
 """
 
 from __future__ import annotations
@@ -215,6 +219,15 @@ def _patch_causal_masks() -> None:
         mod.get_sliding_window_causal_mask = sliding_window_causal_mask
 
 
+def _patch_eager_swiglu() -> None:
+    from megatron.core.fusions import fused_bias_swiglu as fused
+
+    names = ("swiglu", "bias_swiglu", "weighted_swiglu")
+    for name in (*names, *(n + "_back" for n in names)):
+        fn = getattr(fused, name)
+        setattr(fused, name, getattr(fn, "_torchdynamo_orig_callable", fn))
+
+
 PATCHES = {
     "device_mode": _patch_device_mode,
     "cuda_runtime": _patch_cuda_runtime,
@@ -222,6 +235,7 @@ PATCHES = {
     "alltoall_splits": _patch_alltoall_splits,
     "te_general_gemm": _patch_te_general_gemm,
     "causal_masks": _patch_causal_masks,
+    "eager_swiglu": _patch_eager_swiglu,
 }
 
 

@@ -5,8 +5,8 @@ Models" (arXiv:2205.05198), Sec. 4: walk a layer op by op and add up the tensors
 for the backward pass, then multiply by the micro-batches a pipeline stage holds at once. Their
 closed form, s*b*h*(34 + 5*a*s/h) bytes per layer for GPT-3 (MHA, 4h GELU MLP, dropout, fp16),
 does not fit this model family, so the walk is redone for the layers Megatron-Core 0.16.1 builds
-from `kat_megatron.models.builder` (RMSNorm, GQA, RoPE, SwiGLU, MoE, no dropout, no bias/activation
-fusion). Symbols: T = micro_batch * seq / CP tokens, T' = T / TP under sequence parallelism (the
+from `kat_megatron.models.builder` (RMSNorm, GQA, RoPE, SwiGLU fused or not, MoE, no dropout).
+Symbols: T = micro_batch * seq / CP tokens, T' = T / TP under sequence parallelism (the
 residual stream is sharded over TP), beta bytes per activation element, a/g = query heads /
 KV groups per TP rank, d head dim, f FFN width.
 
@@ -15,11 +15,23 @@ torch's composite RMSNorm); every linear layer keeps its input (QKV and FC1 keep
 and re-gather it in backward); attention keeps q, k, v and its output (`te`: fused/flash attention,
 no s^2 term; `local`: Megatron's unfused DotProductAttention, which expands k and v to a heads
 and keeps the b*a*s^2 softmax; with `model.attention: sdpa`, torch's fused SDPA: no s^2 term,
-as under TE); SwiGLU keeps the FC1 output (2f/TP), silu(x), the gated input
-and the product (3f/TP). MoE layers (alltoall dispatcher, dropless): each rank runs
+as under TE). MoE layers (alltoall dispatcher, dropless): each rank runs
 N = T' * top_k * ETP * load tokens through its local experts (a balanced router gives load 1;
 `moe_load_factor` is the assumed max/mean tokens per expert rank) and keeps their input (N*h) and
-SwiGLU tensors (5*N*f_e/ETP); the router keeps fp32 logits and probabilities (T'*E).
+fp32 routing probabilities (N); the router keeps fp32 logits and probabilities (T'*E).
+
+The MLP activation (`transformer/mlp.py`, `MLP.forward`; f is f/TP dense, f_e/ETP per expert):
+- unfused SwiGLU (`model.swiglu_fusion: false`): `glu(y)` on the FC1 output y = [y1, y2] (2f)
+  saves y1 (a view: y's 2f storage stays alive) for silu, silu(y1) (f) and y2 + glu_linear_offset
+  (a new tensor, f) for the product, and FC2 saves the product (f): 5f. Experts then scale by the
+  routing probability (`per_token_scale`): the multiply saves the product again and FC2 the
+  scaled one: 6f.
+- fused SwiGLU (Megatron-Core's `bias_swiglu_impl`, the default): `SwiGLUFunction` saves only
+  its input y (2f) and FC2 its output (f): 3f. Experts use `weighted_bias_swiglu_impl`, whose
+  `WeightedSwiGLUFunction` saves y and the probabilities (already counted) and returns the
+  scaled product that FC2 saves: 3f as well.
+- GELU (never fused here: Megatron-Core fuses a non-gated GELU only with a bias): its input and
+  FC2's input, 2f (experts 3f).
 
 Recompute: `selective` is Megatron-Core's `recompute_modules=["core_attn", "moe_act"]`: core
 attention (drops the s^2 softmax on `local`, nearly nothing under fused attention) and, in MoE
@@ -122,9 +134,16 @@ def _norm(model: ModelConfig, opts: ActivationOptions, tokens_sp: float) -> floa
     return (_norm_copies(model, opts) * model.hidden_size * opts.act_bytes + 4) * tokens_sp
 
 
-def _mlp(ffn: float, tokens: float, beta: int, swiglu: bool) -> float:
-    """SwiGLU keeps FC1 out (2f), silu, gate input, product (3f); GELU keeps f twice."""
-    return tokens * ffn * (5 if swiglu else 2) * beta
+def _mlp(model: ModelConfig, ffn: float, tokens: float, beta: int, expert: bool = False) -> float:
+    """Bytes the MLP activation and FC2 save (module docstring): unfused SwiGLU 5f (experts 6f),
+    fused SwiGLU 3f (experts too), GELU 2f (experts 3f)."""
+    if model.activation != "swiglu":
+        widths = 3 if expert else 2
+    elif model.swiglu_fused:
+        widths = 3
+    else:
+        widths = 6 if expert else 5
+    return tokens * ffn * widths * beta
 
 
 def layer_terms(
@@ -142,24 +161,23 @@ def layer_terms(
     }
     out.update(_attention(model, layout, opts))
     if not moe:
-        out["mlp"] = _mlp(model.ffn_hidden_size / tp, sh.tokens, b, swiglu)
+        out["mlp"] = _mlp(model, model.ffn_hidden_size / tp, sh.tokens, b)
         return out
     e, k = model.num_moe_experts, model.moe_router_topk
     routed = sh.tokens_sp * k * layout.etp_size * _load(layout, opts)
     ffn_e = (model.moe_ffn_hidden_size or model.ffn_hidden_size) / layout.etp_size
     out["router"] = sh.tokens_sp * (3 * e * 4 + 2 * k * 12)
-    # Experts scale their activation by the routing probability (Megatron-Core applies the
-    # probabilities inside the expert MLP): one more f_e-wide tensor and the fp32 probabilities.
-    # Selective recompute's `moe_act` (grouped-GEMM experts, so `te` only) keeps only FC1's
-    # output and rebuilds the rest.
+    # Experts scale their activation by the routing probability inside the expert MLP (the
+    # fp32 probabilities: 4 bytes per routed token). Selective recompute's `moe_act`
+    # (grouped-GEMM experts, so `te` only) keeps only FC1's output and rebuilds the rest.
     if opts.recompute == "selective" and opts.backend == "te":
         act = routed * ffn_e * (2 if swiglu else 1) * b
     else:
-        act = routed * ffn_e * b + _mlp(ffn_e, routed, b, swiglu)
+        act = _mlp(model, ffn_e, routed, b, expert=True)
     out["experts"] = routed * (h * b + 4) + act
     shared = model.moe_shared_expert_intermediate_size
     if shared:
-        out["shared_expert"] = _mlp(shared / tp, sh.tokens, b, swiglu)
+        out["shared_expert"] = _mlp(model, shared / tp, sh.tokens, b)
     return out
 
 

@@ -18,8 +18,9 @@ Not a performance model: enough to rank layouts that fit. Sources:
   2 backward) of T'*k*h over EP, and ETP all-gather/reduce-scatter of the routed tokens.
 - CP: ring attention passes K and V chunks around the CP group, cp - 1 steps forward and again
   (with their gradients) in backward.
-- DP: the distributed optimizer reduce-scatters fp32 gradients and all-gathers 16-bit parameters
-  once per step; without it one fp32 all-reduce (2x the data).
+- DP: the distributed optimizer reduce-scatters the gradients (fp32, or bf16 with
+  `optimizer.grad_reduce_dtype=bf16`) and all-gathers 16-bit parameters once per step; without
+  it one all-reduce of the gradients (2x the data).
 - Time: compute at `mfu` of `tflops`, plus a fixed `layer_overhead_ms` per layer and micro-batch
   (launch-bound kernels); communication at NVLink speed inside a node, InfiniBand
   across nodes (Megatron-Core rank order tp-cp-ep-dp-pp: a group is inside a node when its
@@ -35,7 +36,7 @@ from kat_megatron.config.schema import ModelConfig
 from kat_megatron.models.builder import padded_vocab_size
 from kat_megatron.models.params import count_params
 from kat_megatron.planning.activations import ActivationOptions
-from kat_megatron.planning.inventory import layer_pattern
+from kat_megatron.planning.inventory import chunk_layers, layer_pattern, stage_layer_counts
 from kat_megatron.planning.layout import Batch, Layout
 
 
@@ -129,8 +130,10 @@ def step_cost(
     hw: Hardware,
     distributed_optimizer: bool = True,
     flops: float | None = None,
+    grad_bytes: int = 4,
 ) -> StepCost:
-    """Cost of one step on the busiest GPU; `grad_numel` = (dense, expert) DDP buffer sizes.
+    """Cost of one step on the busiest GPU; `grad_numel` = (dense, expert) DDP buffer sizes,
+    reduced in `grad_bytes` per element (fp32: 4, `optimizer.grad_reduce_dtype=bf16`: 2).
 
     `flops`: `step_flops(model, batch, opts.recompute)` when the caller has it already.
     """
@@ -140,20 +143,27 @@ def step_cost(
     flops /= layout.world
     bubble = (layout.pp - 1) / (m * layout.chunks)
     pattern = layer_pattern(model)
+    # The busiest pipeline stage sets the pace (uneven stages: the one with the most layers).
+    counts = stage_layer_counts(model, layout)
+    busiest = max(range(layout.pp), key=lambda r: counts[r])
+    stage = [
+        pattern[i] for vp in range(layout.chunks) for i in chunk_layers(model, layout, busiest, vp)
+    ]
     tp = ep = cp = 0.0
-    for kind in set(pattern):
-        n = pattern.count(kind) / layout.pp
+    for kind in set(stage):
+        n = stage.count(kind)
         t, e, c = _layer_comm(model, layout, opts, bool(kind))
         tp, ep, cp = tp + m * n * t, ep + m * n * e, cp + m * n * c
     dense, expert = grad_numel
-    bytes_per = 4 + 2 if distributed_optimizer else 2 * 4
+    bytes_per = grad_bytes + 2 if distributed_optimizer else 2 * grad_bytes
     dp = _collective(layout.dp * layout.cp, dense * bytes_per)
     dp += _collective(layout.expert_dp, expert * bytes_per)
     tokens = opts.micro_batch * opts.seq_len / layout.cp / layout.tp
     pp = 2 * m * layout.chunks * tokens * model.hidden_size * opts.act_bytes if layout.pp > 1 else 0
     span_ep = layout.etp_size * layout.ep
-    seconds = flops / (hw.tflops * 1e12 * hw.mfu) * (1 + bubble)
-    seconds += m * (model.num_layers // layout.pp) * hw.layer_overhead_ms / 1e3
+    imbalance = counts[busiest] * layout.pp / model.num_layers  # 1 for an even split
+    seconds = flops * imbalance / (hw.tflops * 1e12 * hw.mfu) * (1 + bubble)
+    seconds += m * counts[busiest] * hw.layer_overhead_ms / 1e3
     seconds += tp / _bw(layout.tp, gpus_per_node, hw)
     seconds += ep / _bw(span_ep, gpus_per_node, hw)
     seconds += cp / _bw(layout.tp * layout.cp, gpus_per_node, hw)

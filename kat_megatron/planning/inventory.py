@@ -20,10 +20,11 @@ same parameter sizes in a different order, so buffer totals are identical to the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kat_megatron.config.schema import ModelConfig
+from kat_megatron.config.schema import ModelConfig, ParallelConfig, pipeline_split
 from kat_megatron.models.builder import padded_vocab_size
 from kat_megatron.models.params import moe_pattern
 from kat_megatron.planning.layout import Layout
@@ -129,11 +130,33 @@ def _layer_params(model: ModelConfig, layout: Layout, moe: bool) -> tuple[ParamS
     return tuple(out)
 
 
+@functools.cache
+def _split(num_layers: int, pp: int, vpp: int | None, first: int | None, last: int | None):
+    par = ParallelConfig(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+    return tuple(pipeline_split(num_layers, par))
+
+
+def stage_layer_counts(model: ModelConfig, layout: Layout) -> tuple[int, ...]:
+    """Decoder layers on each pipeline rank (`config.schema.pipeline_split`: even, or the
+    layout's first/last stage counts with the middle stages sharing the rest)."""
+    return _split(
+        model.num_layers,
+        layout.pp,
+        layout.vpp,
+        layout.first_stage_layers,
+        layout.last_stage_layers,
+    )
+
+
 def chunk_layers(model: ModelConfig, layout: Layout, pp_rank: int, vp: int) -> range:
-    """Global indices of the decoder layers in virtual stage `vp` of pipeline rank `pp_rank`."""
-    per_chunk = model.num_layers // (layout.pp * layout.chunks)
-    start = vp * (model.num_layers // layout.chunks) + pp_rank * per_chunk
-    return range(start, start + per_chunk)
+    """Global indices of the decoder layers in virtual stage `vp` of pipeline rank `pp_rank`.
+
+    Megatron-Core's `get_transformer_layer_offset` / `get_num_layers_to_build`: each rank's
+    layers fall into `vpp` equal chunks, and chunk `vp` of every rank, in rank order, covers
+    layers [vp*L/vpp, (vp+1)*L/vpp) (tests/planning/test_layouts.py checks them against it)."""
+    per_chunk = [n // layout.chunks for n in stage_layer_counts(model, layout)]
+    start = vp * (model.num_layers // layout.chunks) + sum(per_chunk[:pp_rank])
+    return range(start, start + per_chunk[pp_rank])
 
 
 def _decoder_groups(model: ModelConfig, layout: Layout, layers: range) -> list[Group]:

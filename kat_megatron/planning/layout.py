@@ -1,14 +1,17 @@
 """Parallel layouts for `kat plan CONFIG|PRESET --gpus N`: what a layout is and which ones are valid.
 
-A `Layout` is TP x PP x VPP x EP x ETP x CP x DP with world size tp * pp * cp * dp. `check_layout`
+A `Layout` is TP x PP x VPP x EP x ETP x CP x DP with world size tp * pp * cp * dp, optionally with
+uneven pipeline stages (`first_stage_layers`, `last_stage_layers`). `check_layout`
 returns the reason a layout cannot run (or None); `enumerate_layouts` walks every candidate for a
 cluster and returns the valid ones and the rejected ones with their reasons.
 
 Rules, each Megatron-Core's (or this project's config schema, `kat_megatron.config.check_layout`):
 TP divides attention heads, KV groups and the FFN width, and stays inside a node (its all-gathers
-and reduce-scatters sit on the critical path of every layer); PP x VPP divides the layers; EP
-divides the experts and the data x context-parallel size; ETP divides the expert FFN width and
-the world size divides ETP x EP x PP; the vocabulary is padded to a multiple of 128 x TP, so it
+and reduce-scatters sit on the critical path of every layer); PP x VPP divides the layers, or the
+first/last stage take given counts and the middle stages share the rest evenly (multiples of VPP;
+`config.schema.pipeline_split`); EP divides the experts; the world size divides ETP x EP x PP
+(Megatron-Core 0.16.1's `initialize_model_parallel`: EP need not divide DP x CP, experts may
+spread over tensor-parallel ranks); ETP divides the expert FFN width; the vocabulary is padded to a multiple of 128 x TP, so it
 always divides; CP splits each sequence into 2 x CP chunks (load-balanced causal attention); the
 global batch is a multiple of micro-batch x DP; the interleaved schedule needs the number of
 micro-batches to be a multiple of PP (Megatron-Core's `microbatch_group_size_per_vp_stage`).
@@ -17,10 +20,12 @@ micro-batches to be a multiple of PP (Megatron-Core's `microbatch_group_size_per
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from kat_megatron.config.schema import ModelConfig, ParallelConfig, expert_tp_size
 from kat_megatron.config.schema import check_layout as schema_check
+from kat_megatron.config.schema import pipeline_split as schema_split
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class Layout:
     etp: int | None = None
     """Expert tensor-parallel size; None = same as tp."""
     cp: int = 1
+    first_stage_layers: int | None = None
+    """Decoder layers on the first pipeline stage; None = an even share (as ParallelConfig)."""
+    last_stage_layers: int | None = None
+    """Decoder layers on the last pipeline stage; None = an even share."""
 
     @property
     def world(self) -> int:
@@ -59,9 +68,16 @@ class Layout:
     def chunks(self) -> int:
         return self.vpp or 1
 
+    @property
+    def uneven(self) -> bool:
+        """First or last pipeline stage with a given layer count."""
+        return self.first_stage_layers is not None or self.last_stage_layers is not None
+
     def label(self) -> str:
         """'TP2 PP8 VPP2 EP64 ETP1 CP1 DP64'."""
         parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        if self.uneven:
+            parts[-1] += f"({self.first_stage_layers or '='},{self.last_stage_layers or '='})"
         if self.vpp:
             parts.append(f"VPP{self.vpp}")
         parts += [f"EP{self.ep}"]
@@ -78,6 +94,9 @@ class Layout:
         out += [f"parallel.ep={self.ep}", f"parallel.cp={self.cp}"]
         if self.etp is not None and self.etp != self.tp:
             out.append(f"parallel.etp={self.etp}")
+        for name in ("first_stage_layers", "last_stage_layers"):
+            if getattr(self, name) is not None:
+                out.append(f"parallel.{name}={getattr(self, name)}")
         if not distributed_optimizer:
             out.append("parallel.use_distributed_optimizer=false")
         return out
@@ -90,6 +109,8 @@ class Layout:
             ep=self.ep,
             etp=self.etp,
             cp=self.cp,
+            first_stage_layers=self.first_stage_layers,
+            last_stage_layers=self.last_stage_layers,
             use_distributed_optimizer=distributed_optimizer,
         )
 
@@ -97,7 +118,17 @@ class Layout:
     def from_parallel(cls, par: ParallelConfig, world: int) -> Layout:
         """The layout a run with `par` on `world` ranks uses."""
         dp = world // (par.tp * par.pp * par.cp)
-        return cls(tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp, ep=par.ep, etp=par.etp, cp=par.cp)
+        return cls(
+            tp=par.tp,
+            pp=par.pp,
+            dp=dp,
+            vpp=par.vpp,
+            ep=par.ep,
+            etp=par.etp,
+            cp=par.cp,
+            first_stage_layers=par.first_stage_layers,
+            last_stage_layers=par.last_stage_layers,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,8 +186,6 @@ def _check_moe(model: ModelConfig, layout: Layout) -> str | None:
     ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
     if ffn % layout.etp:
         return f"ETP{layout.etp} does not divide the expert FFN width {ffn}"
-    if layout.world % (layout.etp * layout.ep * layout.pp):
-        return f"world {layout.world} is not divisible by etp*ep*pp"
     return None
 
 
@@ -178,13 +207,53 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+@functools.cache
+def uneven_split(num_layers: int, pp: int, vpp: int | None) -> tuple[int | None, int | None]:
+    """(first_stage_layers, last_stage_layers) for a PP x VPP that does not divide the layers: of
+    the splits Megatron-Core accepts, the one whose busiest stage is lightest, then with first and
+    last stage closest (126 layers on PP8: 15 + 6 x 16 + 15, Megatron-LM's split with the
+    embedding and the loss counted as layers), then the lighter last stage; (None, None) when
+    there is none."""
+    v = vpp or 1
+    best, key = (None, None), None
+    per_max = -(-num_layers // pp)
+    for first in [None, *range(v, per_max + v, v)]:
+        for last in [None, *range(v, per_max + v, v)]:
+            if first is None and last is None:
+                continue
+            par = ParallelConfig(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+            try:
+                split = schema_split(num_layers, par)
+            except ValueError:
+                continue
+            k = (max(split), abs(split[0] - split[-1]), split[-1])
+            if key is None or k < key:
+                best, key = (first, last), k
+    return best
+
+
+def _pipelines(num_layers: int, pp: int, max_vpp: int) -> list[tuple[int | None, tuple]]:
+    """(vpp, (first, last)) pipeline shapes tried for `pp`: where PP divides the layers, plain
+    1F1B and every VPP dividing each stage's layers, all even; where it does not, the uneven
+    split of `uneven_split` at each VPP that has one (plain 1F1B kept, to be rejected, if none)."""
+    if pp == 1:
+        return [(None, (None, None))]
+    if num_layers % pp == 0:
+        vpps = [v for v in _divisors(num_layers // pp, max_vpp) if v > 1]
+        return [(v, (None, None)) for v in (None, *vpps)]
+    out = [(v, uneven_split(num_layers, pp, v)) for v in (None, *range(2, max_vpp + 1))]
+    out = [(v, split) for v, split in out if split != (None, None)]
+    return out or [(None, (None, None))]
+
+
 def candidate_layouts(
     model: ModelConfig, cluster: Cluster, max_vpp: int = 8, max_cp: int = 16
 ) -> list[Layout]:
     """Every TP x PP x VPP x CP x EP x ETP whose product fits the GPU count (unchecked).
 
-    ETP is tried at TP and 1 (the two settings Megatron-LM MoE recipes use); VPP up to `max_vpp`
-    virtual stages, CP up to `max_cp`.
+    ETP is tried at TP and 1 (the two settings Megatron-LM MoE recipes use), EP wherever ETP x EP
+    x PP divides the GPUs; VPP up to `max_vpp` virtual stages, CP up to `max_cp`. A PP (x VPP)
+    that does not divide the layers gets the uneven first/last split of `uneven_split`.
     """
     n = cluster.gpus
     experts = model.num_moe_experts or 1
@@ -193,24 +262,24 @@ def candidate_layouts(
         for pp in _divisors(n // tp, model.num_layers):
             for cp in _divisors(n // (tp * pp), max_cp):
                 dp = n // (tp * pp * cp)
-                vpps = [None] + [
-                    v for v in _divisors(model.num_layers // pp, max_vpp) if v > 1 and pp > 1
-                ]
-                for vpp in vpps:
-                    for ep in _divisors(experts, dp * cp):
+                for vpp, (first, last) in _pipelines(model.num_layers, pp, max_vpp):
+                    for ep in _divisors(experts, n // pp):
                         etps = sorted({tp, 1}) if model.is_moe and ep > 1 else [tp]
                         for etp in etps:
-                            out.append(
-                                Layout(
-                                    tp=tp,
-                                    pp=pp,
-                                    dp=dp,
-                                    vpp=vpp,
-                                    ep=ep,
-                                    etp=None if etp == tp else etp,
-                                    cp=cp,
-                                )
+                            if n % (etp * ep * pp):
+                                continue
+                            layout = Layout(
+                                tp=tp,
+                                pp=pp,
+                                dp=dp,
+                                vpp=vpp,
+                                ep=ep,
+                                etp=None if etp == tp else etp,
+                                cp=cp,
+                                first_stage_layers=first,
+                                last_stage_layers=last,
                             )
+                            out.append(layout)
     return out
 
 

@@ -2,9 +2,10 @@
 
 For every valid layout (`layout.enumerate_layouts`) and recompute setting, estimate per-GPU memory
 on the first and the last pipeline stage (the two that can be largest: the first holds the most
-in-flight micro-batches and the embedding, the last the output layer, logits and MTP heads) as
+in-flight micro-batches and the embedding, the last the output layer, logits and MTP heads; with
+a lighter uneven first stage also the second) as
 
-    static (params + fp32 grads + optimizer state, `static.py`)
+    static (params + grads, fp32 or bf16 per `grad_reduce_dtype`, + optimizer state, `static.py`)
     + activations x (1 + fragmentation) (`activations.py`)
     + a fixed reserve (CUDA context, NCCL communicators, cuBLAS/TE workspaces),
 
@@ -25,7 +26,7 @@ from kat_megatron.planning.activations import (
 )
 from kat_megatron.planning.cost import Hardware, StepCost, step_cost, step_flops
 from kat_megatron.planning.layout import Batch, Cluster, Layout, Rejection, enumerate_layouts
-from kat_megatron.planning.static import StaticMemory, static_memory
+from kat_megatron.planning.static import GRAD_BYTES, StaticMemory, static_memory
 
 GIB = 1024**3
 TOKENS_PER_STEP = 4 * 1024**2
@@ -54,6 +55,8 @@ class PlanOptions:
     """Dropless MoE: busiest expert rank's tokens / mean (1 = perfectly balanced router)."""
     act_bytes: int = 2
     param_bytes: int = 2
+    grad_reduce_dtype: str = "fp32"
+    """`optimizer.grad_reduce_dtype`: fp32 (4-byte gradient buffers) or bf16 (2 bytes)."""
     backend: str = "te"
     max_vpp: int = 8
     hardware: Hardware = field(default_factory=Hardware)
@@ -63,6 +66,16 @@ class PlanOptions:
             raise ValueError(
                 f"--recompute {self.recompute}: expected auto, none, selective or full"
             )
+        if self.grad_reduce_dtype not in GRAD_BYTES:
+            raise ValueError(
+                f"--grad-reduce-dtype {self.grad_reduce_dtype}: expected one of {list(GRAD_BYTES)}"
+            )
+        if self.grad_reduce_dtype == "bf16" and self.param_bytes != 2:
+            raise ValueError("--grad-reduce-dtype bf16 needs bf16 parameters")
+
+    @property
+    def grad_bytes(self) -> int:
+        return GRAD_BYTES[self.grad_reduce_dtype]
 
     @property
     def batch(self) -> Batch:
@@ -160,6 +173,7 @@ def stage_memory(
             pp_rank,
             param_bytes=opts.param_bytes,
             distributed_optimizer=opts.distributed_optimizer,
+            grad_bytes=opts.grad_bytes,
         )
     m = opts.batch.microbatches(layout)
     act = activation_memory(model, layout, pp_rank, m, opts.activation_options(recompute))
@@ -181,7 +195,9 @@ def evaluate(
 ) -> LayoutPlan:
     """The cheapest recompute setting that fits (or the leanest one, marked not fitting)."""
     levels = RECOMPUTE if opts.recompute == "auto" else (opts.recompute,)
-    stages = sorted({0, layout.pp - 1})
+    # The first stage holds the most in-flight micro-batches, the last the logits; with a lighter
+    # first stage the second (the most micro-batches of a full share) can be the largest.
+    stages = sorted({0, layout.pp - 1} | ({1} if layout.first_stage_layers else set()))
     statics = {
         r: static_memory(
             model,
@@ -189,6 +205,7 @@ def evaluate(
             r,
             param_bytes=opts.param_bytes,
             distributed_optimizer=opts.distributed_optimizer,
+            grad_bytes=opts.grad_bytes,
         )
         for r in stages
     }
@@ -208,6 +225,7 @@ def evaluate(
         opts.hardware,
         opts.distributed_optimizer,
         flops=None if flops is None else flops[recompute],
+        grad_bytes=opts.grad_bytes,
     )
     return LayoutPlan(
         layout=layout,

@@ -99,7 +99,7 @@ def _header(result: PlanResult) -> list[str]:
         f"kat plan: {result.model_name} on {o.gpus} GPUs x {o.gpu_mem_gb:g} GiB "
         f"({o.gpus_per_node} per node), seq {o.seq_len}, global batch {o.batch.global_batch}, "
         f"micro-batch {o.micro_batch}",
-        f"assumptions: bf16 params/activations, fp32 grads and Adam state, "
+        f"assumptions: bf16 params/activations, {o.grad_reduce_dtype} grads, fp32 Adam state, "
         f"{'distributed' if o.distributed_optimizer else 'replicated'} optimizer, "
         f"{o.backend} attention, reserve {o.reserve_gb:g} GiB, fragmentation "
         f"{o.fragmentation:.0%} of activations, dropless MoE with load factor "
@@ -155,7 +155,8 @@ def detail(p: LayoutPlan) -> str:
         f"worst stage pp_rank {mem.pp_rank}, {'fits' if p.fits else 'does NOT fit'} ("
         + ", ".join(f"pp_rank {r}: {fmt_bytes(t)}" for r, t in p.stage_totals.items())
         + ")",
-        f"  params {fmt_bytes(st.params_bytes)} ({st.numel:,} on this GPU), grads (fp32) "
+        f"  params {fmt_bytes(st.params_bytes)} ({st.numel:,} on this GPU), grads "
+        f"({'bf16' if st.grad_bytes < 4 * st.numel else 'fp32'}) "
         f"{fmt_bytes(st.grad_bytes)}, optimizer {fmt_bytes(st.optimizer_bytes)} (fp32 main "
         f"{fmt_bytes(st.main_param_bytes)} + Adam moments {fmt_bytes(st.moment_bytes)}; "
         f"without the distributed optimizer {fmt_bytes(mem.optimizer_without_do)})",

@@ -22,7 +22,7 @@ from megatron.core import parallel_state as ps
 from kat_megatron.models.builder import resolve_backend, resolve_dtype
 from kat_megatron.planning.activations import ActivationOptions, activation_memory
 from kat_megatron.planning.layout import Layout
-from kat_megatron.planning.static import StaticMemory, static_memory
+from kat_megatron.planning.static import GRAD_BYTES, StaticMemory, static_memory
 
 log = logging.getLogger("kat")
 
@@ -74,6 +74,7 @@ def _estimate(cfg, layout: Layout) -> tuple[StaticMemory, float, int]:
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
         expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        grad_bytes=GRAD_BYTES[cfg.optimizer.grad_reduce_dtype],
     )
     t = cfg.training
     m = t.global_batch_size // (t.micro_batch_size * layout.dp)

@@ -1,7 +1,8 @@
 """Static memory of one rank (parameters, gradients, optimizer state) for `kat plan` and `kat train`.
 
 Reproduces Megatron-Core 0.16.1's allocation rules for the DDP and optimizer set-up of
-`kat_megatron.training.optimizer` (`grad_reduce_in_fp32=True`, one DDP per model chunk):
+`kat_megatron.training.optimizer` (one DDP per model chunk; `grad_reduce_in_fp32` from
+`optimizer.grad_reduce_dtype`: fp32 gradient buffers, or bf16 ones beside bf16 parameters):
 
 - `distributed/param_and_grad_buffer.py` (`_ParamAndGradBuffer`): per chunk, one buffer for
   dense parameters and one for expert-parallel ones (EP > 1), each reduced over its own data-
@@ -10,7 +11,7 @@ Reproduces Megatron-Core 0.16.1's allocation rules for the DDP and optimizer set
   multiple of 64 elements and each bucket ends at a multiple of lcm(DP, 128); a `shared_embedding`
   parameter gets a bucket of its own; without it nothing is padded. Buckets split at
   `bucket_size` = max(4e7, 1e6 x DP) elements only with `overlap_grad_reduce`, and only in the
-  first chunk of the first pipeline rank. Gradients live in the buffer (fp32); with the
+  first chunk of the first pipeline rank. Gradients live in the buffer (`grad_bytes`); with the
   distributed optimizer parameters do too (a padded param buffer replaces each `param.data`).
 - `optimizer/distrib_optimizer.py`: DP rank r owns elements [r*S, (r+1)*S) of every bucket
   (S = bucket size / DP); for the parameter elements in that range it keeps an fp32 main copy
@@ -19,7 +20,8 @@ Reproduces Megatron-Core 0.16.1's allocation rules for the DDP and optimizer set
   distributed optimizer every rank keeps fp32 main copies (16-bit parameters) and both moments
   for all its parameters.
 
-Per parameter that is 2 + 4 + 12/DP bytes with bf16 and the distributed optimizer, 18 without.
+Per parameter that is 2 + 4 + 12/DP bytes with bf16 and the distributed optimizer (2 + 2 + 12/DP
+with bf16 gradients), 18 without (16).
 With explicit `dp_rank`s the count is exact for that rank; without, each shard is its full size
 S (an upper bound that differs from the exact count by the padding inside one shard).
 """
@@ -33,7 +35,8 @@ from kat_megatron.config.schema import ModelConfig
 from kat_megatron.planning.inventory import Group, ParamSpec, expand, stage_inventory
 from kat_megatron.planning.layout import Layout
 
-GRAD_BYTES = 4  # grad_reduce_in_fp32=True in kat_megatron.training.optimizer.wrap_ddp
+GRAD_BYTES = {"fp32": 4, "bf16": 2}
+"""Bytes per gradient element for `optimizer.grad_reduce_dtype`."""
 MOMENT_BYTES = 8  # Adam exp_avg + exp_avg_sq, fp32
 
 
@@ -150,6 +153,7 @@ def _buffer_memory(
     bucket_size: int | None,
     dp_rank: int | None,
     expert: bool = False,
+    grad_bytes: int = 4,
 ) -> StaticMemory:
     """Static memory of one DDP buffer (its parameters given as groups)."""
     if not groups:
@@ -169,7 +173,7 @@ def _buffer_memory(
             owned = _owned(layout, dp, dp_rank)
     return StaticMemory(
         params_bytes=(buf if distributed_optimizer else numel) * param_bytes,
-        grad_bytes=buf * GRAD_BYTES,
+        grad_bytes=buf * grad_bytes,
         main_param_bytes=owned * 4 if param_bytes < 4 else 0,
         moment_bytes=owned * MOMENT_BYTES,
         numel=numel,
@@ -201,11 +205,13 @@ def static_memory(
     overlap_grad_reduce: bool = False,
     dp_rank: int | None = None,
     expert_dp_rank: int | None = None,
+    grad_bytes: int = 4,
 ) -> StaticMemory:
     """Parameter, gradient and optimizer bytes of pipeline rank `pp_rank` (all its chunks).
 
     `dp_rank` / `expert_dp_rank` (the rank in the DP x CP and expert-DP groups) make the
     optimizer count exact for that rank; None gives each rank a full shard (upper bound).
+    `grad_bytes`: `GRAD_BYTES[optimizer.grad_reduce_dtype]` (4, or 2 with bf16 gradients).
     """
     total = StaticMemory()
     dense_dp = layout.dp * layout.cp
@@ -214,7 +220,7 @@ def static_memory(
         bucket = max(40_000_000, 1_000_000 * layout.dp) if bucketing else None
         dense, experts = _split(chunk)
         total += _buffer_memory(
-            dense, dense_dp, param_bytes, distributed_optimizer, bucket, dp_rank
+            dense, dense_dp, param_bytes, distributed_optimizer, bucket, dp_rank, False, grad_bytes
         )
         total += _buffer_memory(
             experts,
@@ -224,5 +230,6 @@ def static_memory(
             bucket,
             expert_dp_rank,
             expert=True,
+            grad_bytes=grad_bytes,
         )
     return total

@@ -18,10 +18,26 @@ from megatron.core.transformer.module import MegatronModule
 from kat_megatron.config.schema import KatConfig
 
 
+def grad_reduce_in_fp32(cfg: KatConfig, params_dtype: torch.dtype) -> bool:
+    """Megatron-Core DDP's `grad_reduce_in_fp32` for `optimizer.grad_reduce_dtype`.
+
+    `bf16` keeps the gradient buffers (and their reduce-scatter / all-reduce) in the
+    parameters' dtype, so it needs bf16 parameters: with `training.precision=auto` resolving
+    to fp32 (CPU) or fp16 it is an error rather than a silent fp32 run."""
+    if cfg.optimizer.grad_reduce_dtype == "fp32":
+        return True
+    if params_dtype != torch.bfloat16:
+        raise ValueError(
+            f"optimizer.grad_reduce_dtype=bf16 needs bf16 parameters, got {params_dtype} "
+            f"(training.precision={cfg.training.precision}); use fp32"
+        )
+    return False
+
+
 def wrap_ddp(cfg: KatConfig, chunks: list[MegatronModule]) -> list[DistributedDataParallel]:
     """Wrap each model chunk in Megatron-Core DDP (contiguous grad buffers, bucketed reduce)."""
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32(cfg, chunks[0].config.params_dtype),
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=True,

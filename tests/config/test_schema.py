@@ -13,6 +13,7 @@ from kat_megatron.config import (
     TrainingConfig,
     check_layout,
 )
+from kat_megatron.config.schema import pipeline_split
 
 
 def _moe(**kw) -> ModelConfig:
@@ -58,7 +59,10 @@ def test_tp_must_divide_ffn_hidden_size():
 
 def test_pp_must_divide_layers():
     msg = _layout_error(ModelConfig(num_layers=4), ParallelConfig(pp=3))
-    assert msg == "parallel.pp=3 does not divide model.num_layers=4; choose pp from [1, 2, 4]"
+    assert msg == (
+        "parallel.pp=3 does not divide model.num_layers=4; choose pp from [1, 2, 4] or set "
+        "parallel.first_stage_layers/last_stage_layers"
+    )
 
 
 def test_pp_times_vpp_must_divide_layers():
@@ -90,10 +94,77 @@ def test_world_size_must_be_divisible_by_model_parallel_size():
     )
 
 
-def test_ep_must_divide_dp_times_cp():
+def test_world_size_must_be_divisible_by_etp_ep_pp():
+    """Megatron-Core 0.16.1's rule (initialize_model_parallel): world % (etp * ep * pp) == 0;
+    EP need not divide DP x CP (experts spread over the tensor-parallel ranks)."""
     msg = _layout_error(_moe(), ParallelConfig(ep=4), world_size=2)
-    assert msg.startswith("parallel.ep=4 must divide data-parallel x context-parallel size 2")
-    assert "world size 2" in msg
+    assert msg.startswith("world size 2 is not divisible by etp*ep*pp=4")
+    check_layout(_moe(), ParallelConfig(tp=2, ep=2, etp=1), world_size=2)  # DP = 1
+    check_layout(_moe(num_query_groups=4), ParallelConfig(tp=4, ep=4, etp=1), world_size=4)
+    msg = _layout_error(_moe(), ParallelConfig(tp=2, ep=2), world_size=2)  # etp = tp = 2
+    assert msg.startswith("world size 2 is not divisible by etp*ep*pp=4")
+
+
+@pytest.mark.parametrize(
+    "layers,pp,vpp,first,last",
+    [(5, 2, None, 2, None), (5, 2, None, None, 2), (6, 3, None, 1, 1), (10, 4, None, 2, 2),
+     (12, 3, 2, 2, 2), (14, 4, 2, None, 2), (7, 3, None, 3, None), (4, 2, None, 1, 3)],
+)  # fmt: skip
+def test_uneven_pipeline_accepted_as_megatron_core_does(layers, pp, vpp, first, last):
+    par = ParallelConfig(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+    split = pipeline_split(layers, par)
+    assert sum(split) == layers and len(split) == pp
+    assert (first or split[0], last or split[-1]) == (split[0], split[-1])
+    check_layout(ModelConfig(num_layers=layers), par)
+
+
+@pytest.mark.parametrize(
+    "layers,pp,vpp,first,last",
+    [(5, 2, None, 2, 2), (6, 3, None, 3, None), (12, 3, 2, 3, 3), (12, 4, 2, 2, 1),
+     (4, 2, None, 4, None), (10, 4, 2, 2, 2)],
+)  # fmt: skip
+def test_uneven_pipeline_refused_as_megatron_core_does(layers, pp, vpp, first, last):
+    par = ParallelConfig(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+    msg = _layout_error(ModelConfig(num_layers=layers), par)
+    assert "parallel." in msg
+
+
+def test_uneven_pipeline_agrees_with_megatron_core_config():
+    """Our split is valid exactly when Megatron-Core's TransformerConfig accepts it."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for layers in (4, 5, 7, 12):
+        for pp, vpp in ((2, None), (3, None), (4, None), (3, 2), (4, 2)):
+            for first in (None, 1, 2, 3, 4):
+                for last in (None, 1, 2, 3, 4):
+                    if (first is None and last is None) or (first or 0) + (last or 0) > layers:
+                        continue  # Megatron-Core accepts a negative middle; we refuse it
+                    par = ParallelConfig(
+                        pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last
+                    )
+                    try:
+                        pipeline_split(layers, par)
+                        ours = True
+                    except ValueError:
+                        ours = False
+                    try:
+                        TransformerConfig(
+                            num_layers=layers, hidden_size=8, num_attention_heads=2,
+                            pipeline_model_parallel_size=pp,
+                            virtual_pipeline_model_parallel_size=vpp,
+                            num_layers_in_first_pipeline_stage=first,
+                            num_layers_in_last_pipeline_stage=last,
+                            pipeline_dtype=__import__("torch").float32,
+                        )  # fmt: skip
+                        theirs = True
+                    except ValueError:
+                        theirs = False
+                    assert ours == theirs, (layers, pp, vpp, first, last)
+
+
+def test_stage_layers_need_pp():
+    with pytest.raises(ValueError, match="parallel.first_stage_layers needs parallel.pp > 1"):
+        ParallelConfig(first_stage_layers=2)
 
 
 def test_kat_config_runs_layout_checks():
@@ -139,3 +210,37 @@ def test_non_integer_sizes_are_value_errors():
 def test_sequence_length_check():
     with pytest.raises(ValueError, match=r"data.seq_length=8192 exceeds model.max_position"):
         KatConfig(data=DataConfig(seq_length=8192))
+
+
+def test_grad_reduce_dtype():
+    assert OptimizerConfig().grad_reduce_dtype == "fp32"
+    with pytest.raises(ValueError, match=r"optimizer.grad_reduce_dtype='fp16'"):
+        OptimizerConfig(grad_reduce_dtype="fp16")
+    bf16 = OptimizerConfig(grad_reduce_dtype="bf16")
+    KatConfig(optimizer=bf16, training=TrainingConfig(precision="bf16"))
+    for precision in ("fp32", "fp16"):
+        with pytest.raises(ValueError, match="needs bf16 parameters") as info:
+            KatConfig(optimizer=bf16, training=TrainingConfig(precision=precision))
+        assert "\n" not in str(info.value)
+
+
+def test_grad_reduce_dtype_maps_onto_megatron_ddp():
+    import torch
+
+    from kat_megatron.training.optimizer import grad_reduce_in_fp32
+
+    cfg = KatConfig(optimizer=OptimizerConfig(grad_reduce_dtype="bf16"))
+    assert grad_reduce_in_fp32(cfg, torch.bfloat16) is False
+    with pytest.raises(ValueError, match="needs bf16 parameters"):  # precision auto on CPU
+        grad_reduce_in_fp32(cfg, torch.float32)
+    assert grad_reduce_in_fp32(KatConfig(), torch.bfloat16) is True
+
+
+def test_swiglu_fusion():
+    assert ModelConfig().swiglu_fused and ModelConfig(swiglu_fusion=True).swiglu_fused
+    assert not ModelConfig(swiglu_fusion=False).swiglu_fused
+    assert not ModelConfig(activation="gelu").swiglu_fused
+    with pytest.raises(ValueError, match="needs model.activation=swiglu"):
+        ModelConfig(activation="gelu", swiglu_fusion=True)
+    with pytest.raises(ValueError, match="model.swiglu_fusion='yes'"):
+        ModelConfig(swiglu_fusion="yes")

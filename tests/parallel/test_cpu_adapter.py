@@ -115,3 +115,30 @@ def test_causal_masks_built_on_cpu_match_megatron_definition():
     # row i may attend to keys i-2..i (True = masked)
     allowed = [[i - 2 <= j <= i for j in range(5)] for i in range(5)]
     assert torch.equal(~w, torch.tensor(allowed))
+
+
+def test_eager_swiglu_runs_the_uncompiled_fused_functions():
+    """Megatron-Core's fused SwiGLU functions are its own, uncompiled; their autograd functions
+    match the explicit formula silu(a) * b (weighted: times the probabilities) in fp64 to 1e-12
+    (the same ops, ordered differently in backward)."""
+    import torch.nn.functional as F
+    from megatron.core.fusions import fused_bias_swiglu as fused
+
+    for name in ("swiglu", "swiglu_back", "weighted_swiglu", "weighted_swiglu_back"):
+        assert not hasattr(getattr(fused, name), "_torchdynamo_orig_callable"), name
+    x = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(18, 1, dtype=torch.float64, requires_grad=True)
+    a, b = x.chunk(2, -1)
+    for got, ref, inputs in (
+        (fused.bias_swiglu_impl(x, None), F.silu(a) * b, (x,)),
+        (
+            fused.weighted_bias_swiglu_impl(x.view(18, 8), None, w),
+            F.silu(a).reshape(18, 4) * b.reshape(18, 4) * w,
+            (x, w),
+        ),
+    ):
+        got = got.reshape(ref.shape)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+        g = torch.randn_like(ref)
+        for dg, dr in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(ref, inputs, g)):
+            torch.testing.assert_close(dg, dr, rtol=0, atol=1e-12)

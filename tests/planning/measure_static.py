@@ -31,7 +31,7 @@ BASE = [
 ]
 # name -> overrides; all run on 4 ranks. Together they cover TP (with SP), PP with virtual
 # stages, DP with and without the distributed optimizer, EP (ETP = TP and ETP = 1), bf16 with
-# fp32 main copies, fp32, MTP heads (an embedding copy on the last stage) and tied embeddings
+# fp32 main copies (and bf16 gradient buffers: optimizer.grad_reduce_dtype), fp32, MTP heads (an embedding copy on the last stage) and tied embeddings
 # across stages (`shared_embedding` buckets), and the bucketing code path of overlapped reduce.
 CASES: dict[str, list[str]] = {
     "dense_tp2_dp2_bf16": ["model.preset=tiny-dense", "parallel.tp=2", "training.precision=bf16"],
@@ -49,6 +49,12 @@ CASES: dict[str, list[str]] = {
         "training.precision=bf16",
     ],
     "moe_ep2_dp2_bf16": ["model.preset=tiny-moe", "parallel.ep=2", "training.precision=bf16"],
+    "moe_ep2_dp2_bf16_bf16grads": [
+        "model.preset=tiny-moe",
+        "parallel.ep=2",
+        "training.precision=bf16",
+        "optimizer.grad_reduce_dtype=bf16",
+    ],
     "moe_tp2_ep2_etp1_dp2": [
         "model.preset=tiny-moe",
         "parallel.tp=2",

@@ -64,6 +64,18 @@ def _model(name: str) -> ModelConfig:
     return ModelConfig(**get_preset(name))
 
 
+def _pipeline_ok(layers: int, lay: Layout) -> bool:
+    """Megatron-Core 0.16.1's split rules (TransformerConfig.__post_init__), written out again."""
+    v = lay.vpp or 1
+    given = [n for n in (lay.first_stage_layers, lay.last_stage_layers) if n is not None]
+    if not given:
+        return layers % (lay.pp * v) == 0
+    middle, stages = layers - sum(given), lay.pp - len(given)
+    if any(n <= 0 or n % v for n in given) or middle < 0 or (middle == 0) != (stages == 0):
+        return False
+    return stages == 0 or (middle % stages == 0 and (middle // stages) % v == 0)
+
+
 def _independently_valid(m: ModelConfig, lay: Layout, cluster: Cluster, batch: Batch) -> bool:
     experts = m.num_moe_experts or 1
     ffn_e = m.moe_ffn_hidden_size or m.ffn_hidden_size
@@ -73,9 +85,9 @@ def _independently_valid(m: ModelConfig, lay: Layout, cluster: Cluster, batch: B
         and m.num_attention_heads % lay.tp == 0
         and m.num_query_groups % lay.tp == 0
         and m.ffn_hidden_size % lay.tp == 0
-        and m.num_layers % (lay.pp * (lay.vpp or 1)) == 0
+        and _pipeline_ok(m.num_layers, lay)
         and experts % lay.ep == 0
-        and (lay.dp * lay.cp) % lay.ep == 0
+        and cluster.gpus % ((lay.etp or lay.tp) * lay.ep * lay.pp) == 0
         and (lay.ep == 1 or m.is_moe)
         and (lay.etp is None or (lay.ep > 1 and ffn_e % lay.etp == 0))
         and batch.global_batch % (batch.micro_batch * lay.dp) == 0
@@ -84,9 +96,16 @@ def _independently_valid(m: ModelConfig, lay: Layout, cluster: Cluster, batch: B
     )
 
 
-@pytest.mark.parametrize("name,gpus", [("kat-v1-40b", 64), ("kat-200b-a40b", 256)])
+@pytest.mark.parametrize(
+    "name,gpus", [("kat-v1-40b", 64), ("kat-200b-a40b", 256), ("kat-v1-40b-94", 48)]
+)
 def test_enumeration_agrees_with_independent_rules(name, gpus):
-    m, cluster, batch = _model(name), Cluster(gpus), Batch(8192, 512)
+    """kat-v1-40b-94: 94 layers on 48 GPUs, where PP 3, 4, 6, 8, 12, 16 need uneven stages."""
+    if name.endswith("-94"):
+        m, batch = ModelConfig(**{**get_preset("kat-v1-40b"), "num_layers": 94}), Batch(8192, 768)
+    else:
+        m, batch = _model(name), Batch(8192, 512)
+    cluster = Cluster(gpus)
     valid, rejected = enumerate_layouts(m, cluster, batch)
     assert valid and rejected
     for lay in valid:
@@ -104,7 +123,7 @@ def test_enumeration_agrees_with_independent_rules(name, gpus):
         ("kat-v1-40b", Layout(tp=8, pp=2, dp=4), 64, Batch(8192, 510), "not a multiple"),
         ("kat-v1-40b", Layout(tp=8, pp=4, vpp=2, dp=2), 64, Batch(8192, 6), "divisible by PP4"),
         ("kat-v1-40b", Layout(tp=8, cp=4, dp=2), 64, Batch(8190, 512), "divisible by 2*cp"),
-        ("kat-200b-a40b", Layout(tp=8, pp=8, dp=4, ep=8), 256, Batch(8192, 512), "must divide"),
+        ("kat-200b-a40b", Layout(tp=8, pp=8, dp=4, ep=8), 256, Batch(8192, 512), "etp*ep*pp"),
         ("kat-200b-a40b", Layout(tp=1, pp=1, dp=256, ep=128), 256, Batch(8192, 512), "64"),
         ("kat-200b-a40b", Layout(tp=2, pp=8, dp=16, etp=1), 256, Batch(8192, 512), "EP > 1"),
     ],
@@ -190,3 +209,70 @@ def test_kat_plan_cli(capsys):
     assert "TP8 PP1 EP1 CP1 DP8" in capsys.readouterr().out
     assert main(["plan", "kat-v1-40b", "--gpus", "64", "--layout", "parallel.tp=16"]) == 2
     assert "inside a node" in capsys.readouterr().err
+
+
+def test_experts_may_spread_over_tensor_parallel_ranks():
+    """EP need not divide DP x CP (Megatron-Core 0.16.1): TP8 EP8 ETP1 on one node (DP 1)."""
+    m = _model("kat-200b-a40b")
+    lay = Layout(tp=8, pp=1, dp=1, ep=8, etp=1)
+    assert check_layout(m, lay, Cluster(8), Batch(4096, 8)) is None
+    valid, _ = enumerate_layouts(m, Cluster(8), Batch(4096, 8))
+    assert lay in valid
+
+
+@pytest.mark.parametrize(
+    "layers,pp,vpp,first,last",
+    [(4, 2, None, None, None), (5, 2, None, 2, None), (5, 2, None, None, 2), (10, 4, None, 2, 2),
+     (12, 3, 2, 2, 2), (14, 4, 2, None, 2), (7, 3, None, 3, None), (16, 4, 2, None, None)],
+)  # fmt: skip
+def test_chunk_layers_match_megatron_core(layers, pp, vpp, first, last):
+    """Our layer ranges per (pipeline rank, virtual stage) are Megatron-Core's own
+    (`get_num_layers_to_build`, `get_transformer_layer_offset`, which models/specs.py uses)."""
+    import torch
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from kat_megatron.planning.inventory import chunk_layers
+
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=8, num_attention_heads=2,
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+        num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+        pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    model = ModelConfig(num_layers=layers)
+    lay = Layout(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+    seen = []
+    for r in range(pp):
+        for vp in range(vpp or 1):
+            v = vp if vpp else None
+            n = get_num_layers_to_build(config, vp_stage=v, pp_rank=r)
+            offset = get_transformer_layer_offset(config, vp_stage=v, pp_rank=r)
+            assert chunk_layers(model, lay, r, vp) == range(offset, offset + n), (r, vp)
+            seen += list(range(offset, offset + n))
+    assert sorted(seen) == list(range(layers))
+
+
+def test_uneven_split_candidates():
+    from kat_megatron.planning.layout import uneven_split
+
+    assert uneven_split(126, 8, None) == (15, 15)  # Megatron-LM's 405B split
+    assert uneven_split(94, 8, None) == (11, 11)
+    assert uneven_split(80, 16, None) == (None, None) or 80 % 16 == 0
+    first, last = uneven_split(61, 16, None)
+    assert (first or 4) + (last or 4) + 14 * 4 == 61
+
+
+def test_uneven_layout_is_evaluated_per_stage():
+    """94 layers on PP8 as 11 + 6 x 12 + 11: the lighter first stage holds fewer parameters than
+    the second, and the plan evaluates the second stage too (it may be the largest)."""
+    m = ModelConfig(**{**get_preset("kat-v1-40b"), "num_layers": 94})
+    lay = Layout(tp=8, pp=8, dp=1, first_stage_layers=11, last_stage_layers=11)
+    assert check_layout(m, lay, Cluster(64), Batch(8192, 64)) is None
+    p = evaluate(m, lay, PlanOptions(gpus=64, global_batch=64))
+    assert sorted(p.stage_totals) == [0, 1, 7]
+    first, second = static_memory(m, lay, 0), static_memory(m, lay, 1)
+    layer = static_memory(m, Layout(tp=8, pp=94, dp=1), 1).numel  # one layer's parameters
+    emb = first.numel - 11 * layer
+    assert second.numel == 12 * layer and emb > 0

@@ -4,7 +4,8 @@ One launch of four gloo ranks (`measure_static.py`) builds every case in `CASES`
 `Trainer` (Megatron-Core model, DDP, distributed or replicated optimizer), takes a step and
 records what each rank holds. The planner's `static_memory` for that rank (its pipeline rank and
 its positions in the DP x CP and expert-DP groups) must match byte for byte: parameters (the
-padded param buffer under the distributed optimizer), fp32 gradient buffers (padded to
+padded param buffer under the distributed optimizer), fp32 (or, with
+`optimizer.grad_reduce_dtype=bf16`, bf16) gradient buffers (padded to
 lcm(DP, 128) per bucket, parameters aligned to 64 elements), fp32 main copies and Adam moments
 (each DP rank's shard, padding excluded). Tolerance zero: these are allocation sizes, not floats.
 The planner's parameter inventory must also list each rank's `named_parameters()` exactly.
@@ -24,7 +25,7 @@ from measure_static import BASE, CASES  # noqa: E402
 from kat_megatron.config import load_config  # noqa: E402
 from kat_megatron.planning.inventory import expand, stage_inventory  # noqa: E402
 from kat_megatron.planning.layout import Layout  # noqa: E402
-from kat_megatron.planning.static import static_memory  # noqa: E402
+from kat_megatron.planning.static import GRAD_BYTES, static_memory  # noqa: E402
 
 RANKS = 4
 
@@ -53,6 +54,7 @@ def _estimate(row: dict):
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         dp_rank=row["dp_rank"],
         expert_dp_rank=row["expert_dp_rank"],
+        grad_bytes=GRAD_BYTES[cfg.optimizer.grad_reduce_dtype],
     )
     return cfg, layout, est
 
@@ -93,3 +95,6 @@ def test_cases_exercise_padding_and_sharding(measured):
     no_do = measured["dense_dp4_bf16_nodistopt"][0]
     assert no_do["grad_bytes"] // 4 == sum(n for _, n, *_ in no_do["named_params"][0])
     assert no_do["main_param_bytes"] == no_do["grad_bytes"]  # fp32 copy of every parameter
+    # bf16 gradient buffers: the same elements at half the bytes
+    fp32, bf16 = measured["moe_ep2_dp2_bf16"][0], measured["moe_ep2_dp2_bf16_bf16grads"][0]
+    assert 2 * bf16["grad_bytes"] == fp32["grad_bytes"] > 0
