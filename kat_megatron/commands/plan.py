@@ -29,6 +29,7 @@ def _defaults(name: str) -> tuple[object, str, dict, tuple[str, ...]]:
             micro_batch=t.micro_batch_size,
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             grad_reduce_dtype=cfg.optimizer.grad_reduce_dtype,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         )
         return model, shown, batch, ()
     return model, shown, {}, (f"model.preset={name}",)
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "global_batch": args.global_batch,
         "micro_batch": args.micro_batch,
         "distributed_optimizer": False if args.no_distributed_optimizer else None,
+        "overlap_grad_reduce": True if args.overlap_grad_reduce else None,
         "grad_reduce_dtype": args.grad_reduce_dtype,
     }
     batch.update({k: v for k, v in given.items() if v is not None})
@@ -115,6 +117,11 @@ def register(sub) -> None:
     )
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="step time with DP communication overlapped (parallel.overlap_grad_reduce=true)",
+    )
+    p.add_argument(
         "--grad-reduce-dtype",
         choices=("fp32", "bf16"),
         help="gradient buffer dtype (optimizer.grad_reduce_dtype; default fp32 or the config's)",
@@ -122,7 +129,9 @@ def register(sub) -> None:
     p.add_argument("--moe-load-factor", type=float, default=1.2, help="busiest/mean expert load")
     p.add_argument("--reserve-gb", type=float, default=4.0, help="CUDA context, NCCL, workspaces")
     p.add_argument("--fragmentation", type=float, default=0.10, help="of activation memory")
-    p.add_argument("--mfu", type=float, default=0.45, help="matmul efficiency for step time")
+    p.add_argument(
+        "--mfu", type=float, default=0.8, help="large-GEMM efficiency (fraction of peak)"
+    )
     p.add_argument("--max-vpp", type=int, default=8, help="largest virtual pipeline size tried")
     p.add_argument(
         "--layout",

@@ -21,11 +21,32 @@ Not a performance model: enough to rank layouts that fit. Sources:
 - DP: the distributed optimizer reduce-scatters the gradients (fp32, or bf16 with
   `optimizer.grad_reduce_dtype=bf16`) and all-gathers 16-bit parameters once per step; without
   it one all-reduce of the gradients (2x the data).
-- Time: compute at `mfu` of `tflops`, plus a fixed `layer_overhead_ms` per layer and micro-batch
-  (launch-bound kernels); communication at NVLink speed inside a node, InfiniBand
-  across nodes (Megatron-Core rank order tp-cp-ep-dp-pp: a group is inside a node when its
-  members' span fits one). kat runs TP, EP and DP communication without overlap by default
-  (`parallel.overlap_grad_reduce=false`), so all of it counts.
+- Pace: the busiest pipeline stage, by forward FLOPs per token of its layers plus, on the last
+  stage, the output layer (2·h·V, once more per MTP depth) and the MTP heads: a deep pipeline's
+  last stage carries the vocabulary projection on top of its share of layers.
+- Time (issue 20.3): each matmul runs at its own efficiency (`matmul_efficiency`), the pipeline
+  bubble uses the micro-batches the layout really runs, m = global_batch / (DP x micro-batch),
+  plus a fixed `layer_overhead_ms` per layer and micro-batch (launch-bound kernels).
+  Communication runs at NVLink speed inside a node and InfiniBand across nodes (Megatron-Core
+  rank order tp-cp-ep-dp-pp: a group is inside a node when its members' span fits one); an
+  alltoall whose group spans nodes sends only the share bound for other nodes over InfiniBand
+  ((span - node) / span of its bytes), the rest over NVLink. Overlap assumptions:
+  TP (sequence-parallel all-gather / reduce-scatter) and EP alltoalls are exposed: kat does not
+  turn on Megatron-Core's `tp_comm_overlap` (userbuffers) or `moe_a2a_overlap`; CP's ring
+  exchange is hidden behind the attention blocks up to the attention compute time (Megatron-Core
+  overlaps each K/V step with the previous block's attention); DP with the distributed
+  optimizer and `overlap_grad_reduce` on (`PlanOptions.overlap_grad_reduce`, kat's config
+  `parallel.overlap_grad_reduce`) hides the gradient reduce-scatter behind backward and the
+  parameter all-gather behind the next forward, all but one bucket's worth (`1 / buckets` of it,
+  and never more than the compute it hides behind); off, all of it counts. PP p2p counts, small.
+- Matmul efficiency: e(k) = `gemm_peak` x k / (k + `gemm_k0`), k the smallest dimension of the
+  GEMM on one GPU (tokens per micro-batch T = b·s/CP, h, (n_q + 2 n_kv)·d / TP, f / TP, the
+  expert width f_e / ETP, the tokens an expert receives T·EP·k / E, V / TP), FLOP-weighted
+  harmonically over one layer's GEMMs; attention's QK^T / PV run at `attn_eff`. Anchors
+  (assumptions, H100 SXM bf16 cuBLAS/TE): large square GEMMs reach ~0.75-0.8 of the 989 TFLOP/s
+  peak (gemm_peak 0.8), a 2048-wide one ~0.7, a 768-wide one ~0.6, a 256-wide one 0.4
+  (gemm_k0 = 256); flash attention forward + backward ~0.45 of peak. These are round values, not
+  fitted; `--mfu` scales gemm_peak.
 """
 
 from __future__ import annotations
@@ -46,8 +67,12 @@ class Hardware:
 
     tflops: float = 989.0
     """Dense bf16 peak."""
-    mfu: float = 0.45
-    """Fraction of peak that matmuls reach."""
+    mfu: float = 0.8
+    """`gemm_peak`: fraction of peak a large GEMM reaches (`kat plan --mfu`)."""
+    gemm_k0: float = 256.0
+    """GEMM size at which efficiency is half of `mfu` (e(k) = mfu * k / (k + gemm_k0))."""
+    attn_eff: float = 0.45
+    """Fraction of peak of fused (flash) attention, forward + backward."""
     nvlink_gbs: float = 400.0
     """Intra-node collective bandwidth per GPU, GB/s."""
     ib_gbs: float = 45.0
@@ -56,6 +81,8 @@ class Hardware:
     """Fixed cost of one layer's forward + backward for one micro-batch on one GPU (~60 kernel
     launches and syncs), however small the work: what makes splitting a short sequence over
     TP or CP ranks cost something beyond communication."""
+    dp_buckets: int = 8
+    """Gradient buckets per step with overlap on: the last one's reduction stays exposed."""
 
 
 @dataclass
@@ -72,7 +99,9 @@ class StepCost:
     dp_bytes: float
     pp_bytes: float
     step_s: float
-    """Estimated seconds per step (compute x (1 + bubble) + communication)."""
+    """Estimated seconds per step (compute x (1 + bubble) + exposed communication)."""
+    efficiency: float = 0.0
+    """FLOP-weighted matmul efficiency (fraction of peak) of the busiest stage's layers."""
 
 
 def step_flops(model: ModelConfig, batch: Batch, recompute: str) -> float:
@@ -89,6 +118,54 @@ def step_flops(model: ModelConfig, batch: Batch, recompute: str) -> float:
     forward = tokens * (2 * matmul + attn)
     extra = {"none": 0.0, "selective": tokens * attn, "full": forward}[recompute]
     return 3 * forward + extra
+
+
+def _gemm_eff(k: float, hw: Hardware) -> float:
+    return hw.mfu * k / (k + hw.gemm_k0)
+
+
+def _layer_parts(
+    model: ModelConfig, layout: Layout, opts: ActivationOptions, moe: bool
+) -> tuple[list[tuple[float, float]], float]:
+    """One layer's GEMMs as (forward FLOPs per token, smallest GEMM dimension on one GPU), and
+    its attention (QK^T, PV) FLOPs per token."""
+    h, d, heads = model.hidden_size, model.head_dim, model.num_attention_heads
+    tokens = opts.micro_batch * opts.seq_len / layout.cp
+    qkv = (heads + 2 * model.num_query_groups) * d
+    parts = [
+        (2 * h * qkv, min(tokens, h, qkv / layout.tp)),
+        (2 * heads * d * h, min(tokens, h, heads * d / layout.tp)),
+    ]
+    if moe:
+        k, fe = model.moe_router_topk, model.moe_ffn_hidden_size or model.ffn_hidden_size
+        per_expert = tokens * layout.ep * k / model.num_moe_experts
+        parts.append((2 * 3 * h * fe * k, min(per_expert, h, fe / layout.etp_size)))
+        shared = model.moe_shared_expert_intermediate_size
+        if shared:
+            parts.append((2 * 3 * h * shared, min(tokens, h, shared / layout.tp)))
+    else:
+        f = model.ffn_hidden_size
+        parts.append((2 * 3 * h * f, min(tokens, h, f / layout.tp)))
+    return parts, 2 * 2 * (opts.seq_len / 2) * heads * d
+
+
+def matmul_efficiency(
+    model: ModelConfig, layout: Layout, opts: ActivationOptions, moe: bool, hw: Hardware
+) -> float:
+    """Fraction of peak one layer runs at for one micro-batch (module docstring): its GEMMs at
+    e(smallest per-GPU dimension), attention at `attn_eff`, FLOP-weighted harmonically."""
+    parts, attn = _layer_parts(model, layout, opts, moe)
+    work = sum(f for f, _ in parts) + attn
+    seconds = sum(f / _gemm_eff(k, hw) for f, k in parts) + attn / hw.attn_eff
+    return work / seconds
+
+
+def _alltoall_s(nbytes: float, span: int, gpus_per_node: int, hw: Hardware) -> float:
+    """An alltoall over `span` consecutive ranks: the share for other nodes crosses InfiniBand."""
+    if span <= gpus_per_node:
+        return nbytes / (hw.nvlink_gbs * 1e9)
+    remote = (span - gpus_per_node) / span
+    return nbytes * remote / (hw.ib_gbs * 1e9) + nbytes * (1 - remote) / (hw.nvlink_gbs * 1e9)
 
 
 def _bw(span: int, gpus_per_node: int, hw: Hardware) -> float:
@@ -131,11 +208,13 @@ def step_cost(
     distributed_optimizer: bool = True,
     flops: float | None = None,
     grad_bytes: int = 4,
+    overlap_grad_reduce: bool = False,
 ) -> StepCost:
     """Cost of one step on the busiest GPU; `grad_numel` = (dense, expert) DDP buffer sizes,
     reduced in `grad_bytes` per element (fp32: 4, `optimizer.grad_reduce_dtype=bf16`: 2).
 
     `flops`: `step_flops(model, batch, opts.recompute)` when the caller has it already.
+    `overlap_grad_reduce`: DP communication overlapped with compute (module docstring).
     """
     m = batch.microbatches(layout)
     if flops is None:
@@ -143,17 +222,22 @@ def step_cost(
     flops /= layout.world
     bubble = (layout.pp - 1) / (m * layout.chunks)
     pattern = layer_pattern(model)
-    # The busiest pipeline stage sets the pace (uneven stages: the one with the most layers).
+    # The busiest pipeline stage sets the pace: the most decoder work, the last stage's output
+    # layer (and MTP heads) counted (`_stage_work`).
     counts = stage_layer_counts(model, layout)
-    busiest = max(range(layout.pp), key=lambda r: counts[r])
+    work = _stage_work(model, layout, opts, pattern)
+    busiest = max(range(layout.pp), key=lambda r: work[r])
     stage = [
         pattern[i] for vp in range(layout.chunks) for i in chunk_layers(model, layout, busiest, vp)
     ]
     tp = ep = cp = 0.0
+    inv_eff = 0.0  # layer-weighted 1 / efficiency
     for kind in set(stage):
         n = stage.count(kind)
         t, e, c = _layer_comm(model, layout, opts, bool(kind))
         tp, ep, cp = tp + m * n * t, ep + m * n * e, cp + m * n * c
+        inv_eff += n / matmul_efficiency(model, layout, opts, bool(kind), hw)
+    eff = len(stage) / inv_eff
     dense, expert = grad_numel
     bytes_per = grad_bytes + 2 if distributed_optimizer else 2 * grad_bytes
     dp = _collective(layout.dp * layout.cp, dense * bytes_per)
@@ -161,12 +245,46 @@ def step_cost(
     tokens = opts.micro_batch * opts.seq_len / layout.cp / layout.tp
     pp = 2 * m * layout.chunks * tokens * model.hidden_size * opts.act_bytes if layout.pp > 1 else 0
     span_ep = layout.etp_size * layout.ep
-    imbalance = counts[busiest] * layout.pp / model.num_layers  # 1 for an even split
-    seconds = flops * imbalance / (hw.tflops * 1e12 * hw.mfu) * (1 + bubble)
+    imbalance = work[busiest] * layout.pp / sum(work)  # 1 without pipeline parallelism
+    compute = flops * imbalance / (hw.tflops * 1e12 * eff)
+    seconds = compute * (1 + bubble)
     seconds += m * counts[busiest] * hw.layer_overhead_ms / 1e3
     seconds += tp / _bw(layout.tp, gpus_per_node, hw)
-    seconds += ep / _bw(span_ep, gpus_per_node, hw)
-    seconds += cp / _bw(layout.tp * layout.cp, gpus_per_node, hw)
-    seconds += dp / _bw(layout.tp * layout.cp * layout.dp, gpus_per_node, hw)
+    seconds += _alltoall_s(ep, span_ep, gpus_per_node, hw)
+    # ring attention: each K/V step hides behind the attention block it feeds
+    attn_s = compute * _attention_share(model, layout, opts, bool(stage[0]))
+    seconds += max(0.0, cp / _bw(layout.tp * layout.cp, gpus_per_node, hw) - attn_s)
+    dp_s = dp / _bw(layout.tp * layout.cp * layout.dp, gpus_per_node, hw)
+    if overlap_grad_reduce and distributed_optimizer:
+        dp_s = max(dp_s / hw.dp_buckets, dp_s - compute)
+    seconds += dp_s
     seconds += pp / _bw(layout.world, gpus_per_node, hw)
-    return StepCost(flops, bubble, tp, ep, cp, dp, pp, seconds)
+    return StepCost(flops, bubble, tp, ep, cp, dp, pp, seconds, eff)
+
+
+def _stage_work(
+    model: ModelConfig, layout: Layout, opts: ActivationOptions, pattern: list
+) -> list[float]:
+    """Forward FLOPs per token of each pipeline stage: its decoder layers, and on the last one
+    the output layer (once per MTP depth more) and the MTP heads (embedding: a lookup)."""
+    per_kind = {}
+    for kind in set(pattern):
+        parts, attn = _layer_parts(model, layout, opts, bool(kind))
+        per_kind[kind] = sum(f for f, _ in parts) + attn
+    out = []
+    for r in range(layout.pp):
+        layers = [i for vp in range(layout.chunks) for i in chunk_layers(model, layout, r, vp)]
+        out.append(sum(per_kind[pattern[i]] for i in layers))
+    depths = model.mtp_num_layers or 0
+    h = model.hidden_size
+    out[-1] += 2 * h * padded_vocab_size(model, 1) * (1 + depths)
+    out[-1] += depths * (per_kind[pattern[-1]] + 2 * 2 * h * h)
+    return out
+
+
+def _attention_share(
+    model: ModelConfig, layout: Layout, opts: ActivationOptions, moe: bool
+) -> float:
+    """Attention's share of one layer's FLOPs (what CP's ring exchange hides behind)."""
+    parts, attn = _layer_parts(model, layout, opts, moe)
+    return attn / (attn + sum(f for f, _ in parts))

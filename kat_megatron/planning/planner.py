@@ -47,6 +47,9 @@ class PlanOptions:
     recompute: str = "auto"
     """`auto` (cheapest that fits), `none`, `selective` or `full`."""
     distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    """`parallel.overlap_grad_reduce` (with the distributed optimizer also the parameter
+    all-gather): DP communication hidden behind compute in the step-time model."""
     reserve_gb: float = 4.0
     """CUDA context (~0.5 GiB), NCCL communicator buffers, cuBLAS/TE workspaces."""
     fragmentation: float = 0.10
@@ -226,6 +229,7 @@ def evaluate(
         opts.distributed_optimizer,
         flops=None if flops is None else flops[recompute],
         grad_bytes=opts.grad_bytes,
+        overlap_grad_reduce=opts.overlap_grad_reduce,
     )
     return LayoutPlan(
         layout=layout,

@@ -103,7 +103,9 @@ def _header(result: PlanResult) -> list[str]:
         f"{'distributed' if o.distributed_optimizer else 'replicated'} optimizer, "
         f"{o.backend} attention, reserve {o.reserve_gb:g} GiB, fragmentation "
         f"{o.fragmentation:.0%} of activations, dropless MoE with load factor "
-        f"{o.moe_load_factor:g}",
+        f"{o.moe_load_factor:g}; step time: matmul efficiency by GEMM shape (peak "
+        f"{o.hardware.mfu:g}), TP/EP communication exposed, DP "
+        f"{'overlapped' if o.overlap_grad_reduce else 'exposed'}",
         f"layouts: {len(result.plans) + len(result.rejected)} candidates, "
         f"{len(result.rejected)} invalid, {len(result.plans)} valid, "
         f"{len(result.fitting)} fit",
