@@ -496,7 +496,7 @@ class KDSection:
         return KDTeacherConfig(**values)
 
 
-RL_SUBSECTIONS = ("sampling", "rewards", "advantages", "policy_loss")
+RL_SUBSECTIONS = ("sampling", "rewards", "advantages", "policy_loss", "rollout")
 """`rl.<name>` mappings: the fields of a component's dataclass, built and checked by stage rl
 (`kat_megatron/rl/parts.py`)."""
 
@@ -527,6 +527,10 @@ class RLConfig:
     policy_loss: dict = field(default_factory=dict)
     """`kat_megatron.losses.policy.PolicyLossConfig` fields (clip_low, clip_high, aggregation,
     kl_coef, kl_estimator, kl_in_reward, is_correction, entropy_coef, ...)."""
+    rollout: dict = field(default_factory=dict)
+    """`kat_megatron.rl.rollout_config.RolloutConfig` fields: `engine` megatron (default, the
+    colocated engine) or vllm (a vLLM worker refitted in memory), `vllm_python`,
+    `refit_bucket_mb` (256), `startup_timeout_s`, `vllm_args` (docs/rollout_engine.md)."""
     reference_ckpt: str | None = None
     """Frozen reference policy for the KL terms; None means `checkpoint.load` (the initial
     policy). Only loaded when policy_loss.kl_coef > 0."""

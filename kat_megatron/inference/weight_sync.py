@@ -18,6 +18,7 @@ models with local (SequentialMLP) experts at any TP and EP=1; pipeline paralleli
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -77,8 +78,10 @@ def canonical_name(name: str) -> str:
     return name if i is None else canonical_layer_name(i, rest)
 
 
-def hf_state_dict(model, model_config: ModelConfig | None) -> dict[str, torch.Tensor]:
-    """Hugging Face-named full weights of the live `model` (collective over TP)."""
+def iter_hf_tensors(model, model_config: ModelConfig | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor) of the live `model`, one parameter gathered at a time
+    (collective over TP: every rank of the group iterates in step), so at most one parameter's
+    full copy is alive per iteration unless the caller keeps them."""
     if model_config is None:
         raise ValueError("weight sync: pass model_config (kat ModelConfig) to the RolloutEngine")
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -87,7 +90,6 @@ def hf_state_dict(model, model_config: ModelConfig | None) -> dict[str, torch.Te
         raise ValueError("weight sync: expert parallelism is not supported (ep must be 1)")
     spec = hf_spec_for(model_config)
     gated = model_config.activation == "swiglu"
-    out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if name.startswith("mtp."):
             continue  # MTP heads: training-only, the rollout engine serves the main head
@@ -95,6 +97,9 @@ def hf_state_dict(model, model_config: ModelConfig | None) -> dict[str, torch.Te
         name = canonical_name(name)
         if name in VOCAB_TENSORS:
             full = full[: model_config.vocab_size]
-        for key, tensor in to_hf(name, full, model_config, spec):
-            out[key] = tensor
-    return out
+        yield from to_hf(name, full, model_config, spec)
+
+
+def hf_state_dict(model, model_config: ModelConfig | None) -> dict[str, torch.Tensor]:
+    """Hugging Face-named full weights of the live `model` (collective over TP)."""
+    return dict(iter_hf_tensors(model, model_config))

@@ -109,8 +109,33 @@ def rl_loss(
         entropy_bt=entropy_bs,
     )
     metrics = dict(metrics)
+    metrics.update(logprob_mismatch(old_bs, logp_bs, batch["rollout_logprobs"], batch["loss_mask"]))
     metrics["loss"] = torch.stack([loss_sum.detach().float(), normaliser.detach().float()])
     return loss_sum, normaliser.to(torch.int), metrics
+
+
+DIFF_MEAN, DIFF_MAX = "rollout/logprob_diff_mean", "rollout/logprob_diff_max"
+"""Metric names of the rollout engine's log-probs against the trainer's (`logprob_mismatch`)."""
+
+
+def logprob_mismatch(
+    old_bs: torch.Tensor | None,
+    logp_bs: torch.Tensor,
+    rollout_bs: torch.Tensor,
+    mask_bs: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """|rollout - trainer| log-prob over the response tokens: `DIFF_MEAN` as a `[sum, count]`
+    pair, `DIFF_MAX` as `[max, 1]` (the trainer takes its max over micro-batches and ranks
+    before `reduce_metrics`). The trainer's value is the policy before the step's first update:
+    `old_bs` when given (several updates per step), else this forward's own log-probs."""
+    trainer = (old_bs if old_bs is not None else logp_bs).detach().float()
+    valid = mask_bs.detach() > 0
+    diff = torch.where(valid, (rollout_bs.detach().float() - trainer).abs(), 0.0)
+    one = torch.ones((), dtype=torch.float32, device=diff.device)
+    return {
+        DIFF_MEAN: torch.stack([diff.sum(), valid.float().sum()]),
+        DIFF_MAX: torch.stack([diff.max() if diff.numel() else 0 * one, one]),
+    }
 
 
 def rl_forward_step(data_iterator, model, cfg: PolicyLossConfig):

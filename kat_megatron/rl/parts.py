@@ -2,9 +2,10 @@
 from kat_megatron.rl.parts import build_parts; print(build_parts(load_config(
 'examples/tiny_rl/config.yaml').rl))"`.
 
-The run config keeps `rl.sampling`, `rl.rewards`, `rl.advantages` and `rl.policy_loss` as plain
-mappings (the config layer imports no component); `build_parts` turns each into its component's
-dataclass, which validates it, and names a bad key `rl.<section>.<field>`. `check_rl` adds the
+The run config keeps `rl.sampling`, `rl.rewards`, `rl.advantages`, `rl.policy_loss` and
+`rl.rollout` as plain mappings (the config layer imports no component); `build_parts` turns
+each into its component's dataclass, which validates it, and names a bad key
+`rl.<section>.<field>`. `check_rl` adds the
 cross-section rules of `stage: rl`; the stage registry (`kat_megatron/stages.py`) runs it before
 any rank starts.
 """
@@ -22,16 +23,18 @@ from kat_megatron.losses.policy import PolicyLossConfig
 from kat_megatron.models.packed_seq import packing_enabled
 from kat_megatron.rl.advantages import AdvantageConfig
 from kat_megatron.rl.rewards import RewardConfig
+from kat_megatron.rl.rollout_config import RolloutConfig, check_vllm, resolve_vllm_python
 
 
 @dataclass(frozen=True)
 class RLParts:
-    """The dataclasses of the four `rl.*` mappings."""
+    """The dataclasses of the five `rl.*` mappings."""
 
     sampling: SamplingParams
     rewards: RewardConfig
     advantages: AdvantageConfig
     policy_loss: PolicyLossConfig
+    rollout: RolloutConfig
 
 
 _CLASSES: dict[str, type] = typing.get_type_hints(RLParts)
@@ -58,13 +61,14 @@ def build_section(rl: RLConfig, name: str, **defaults: Any) -> Any:
 
 
 def build_parts(rl: RLConfig) -> RLParts:
-    """All four parts; `rewards.max_new_tokens` follows the sampling budget."""
+    """All five parts; `rewards.max_new_tokens` follows the sampling budget."""
     sampling = build_section(rl, "sampling")
     return RLParts(
         sampling=sampling,
         rewards=build_section(rl, "rewards", max_new_tokens=sampling.max_new_tokens),
         advantages=build_section(rl, "advantages"),
         policy_loss=build_section(rl, "policy_loss"),
+        rollout=build_section(rl, "rollout"),
     )
 
 
@@ -98,3 +102,20 @@ def check_rl(cfg: KatConfig) -> None:
             f"rl.sampling.max_new_tokens={new} leaves no room for the prompt "
             f"in rl.max_sequence_length={rl.max_sequence_length}"
         )
+    if parts.rollout.engine == "vllm":
+        _check_vllm_rollout(cfg, parts)
+
+
+def _check_vllm_rollout(cfg: KatConfig, parts: RLParts) -> None:
+    """`rl.rollout.engine: vllm`: what its refit and worker support, and vLLM installed."""
+    if cfg.parallel.ep != 1:
+        raise ValueError(
+            "rl.rollout.engine=vllm: the refit does not gather expert-parallel shards yet; "
+            "set parallel.ep=1 or rl.rollout.engine=megatron"
+        )
+    if parts.sampling.stop_strings:
+        raise ValueError(
+            "rl.rollout.engine=vllm: rl.sampling.stop_strings are not supported (the worker "
+            "has no tokenizer); use stop token ids or rl.rollout.engine=megatron"
+        )
+    check_vllm(resolve_vllm_python(parts.rollout.vllm_python))

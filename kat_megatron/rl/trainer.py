@@ -9,8 +9,11 @@ NeMo-Aligner's RL loop on Megatron-Core, colocated: each step (one `training.ste
    from vocab-sharded logits, `losses/policy.py`), gradients normalised over the (mini-)batch:
    one optimizer step by default, or `rl.ppo_epochs` passes of `rl.mini_batches` steps each,
    against the old log-probs of the policy before the first of them;
-3. advances the LR schedule once and refits the engine (a no-op for the colocated engine; an
-   external engine gets the weights through its `WeightSync`).
+3. advances the LR schedule once and refits the engine (a no-op for the colocated engine; with
+   `rl.rollout.engine: vllm` the weights go to the vLLM worker in shared-memory buckets,
+   `rl/vllm_engine.py`).
+The rollout engine is `rl.rollout.engine`: `megatron` (the colocated `RolloutEngine`, default)
+or `vllm`; with either, `rollout/logprob_diff_mean|max` compare its log-probs with the trainer's.
 Model build, DDP + distributed optimizer, scheduler, checkpoints, resume, signals and metrics
 sinks are `training/loop.py`'s `Trainer`; this subclass adds the RL state (the prompt sampler's
 position) to checkpoints and writes `<run.dir>/rollouts.jsonl` (drawn prompt ids and a few
@@ -41,7 +44,7 @@ from kat_megatron.rl.batching import (
     pad_multiple_for,
     response_values,
 )
-from kat_megatron.rl.logprobs import forward_logprobs, rl_forward_step
+from kat_megatron.rl.logprobs import DIFF_MAX, forward_logprobs, rl_forward_step
 from kat_megatron.rl.parts import build_parts
 from kat_megatron.rl.prompts import PromptSampler, load_prompts
 from kat_megatron.rl.rollouts import Group, RolloutCollector
@@ -75,6 +78,19 @@ def _sum_over_dp(value: float) -> float:
     return float(t.item())
 
 
+def _pop_max(losses: list[dict], key: str) -> float | None:
+    """Max over micro-batches and all ranks of the `[max, 1]` metric `key`, removed from
+    `losses` (so `reduce_metrics` does not average it); None where no rank has it. Collective:
+    every rank calls it."""
+    local = max((float(item.pop(key)[0]) for item in losses if key in item), default=-1.0)
+    t = torch.tensor([local], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.cuda() if torch.cuda.is_available() else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    value = float(t.item())
+    return value if value >= 0 else None
+
+
 def _prompt_records(cfg: KatConfig, run_dir: Path) -> tuple[list]:
     """The RL prompt records (`rl.prompts`), validated: the trainer's one "dataset"."""
     return (load_prompts(cfg.rl.prompts),)
@@ -92,15 +108,7 @@ class RLTrainer(Trainer):
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.pad_multiple = pad_multiple_for(cfg.parallel.tp)
         self.packing = packing_enabled(rl.packing, cfg.model, "rl.packing")
-        dtype = self.model[0].config.params_dtype
-        self.engine = RolloutEngine(
-            self.model,
-            self.tokenizer,
-            max_sequence_length=rl.max_sequence_length,
-            max_batch_size=rl.engine_max_batch_size,
-            params_dtype=dtype,
-            seed=cfg.training.seed,
-        )
+        self.engine = self._build_engine()
         self.ref_model = self._build_reference() if self.loss_cfg.needs_ref else None
         prompts = self.datasets[0]
         self.sampler = PromptSampler(len(prompts), cfg.training.seed, rl.shuffle)
@@ -121,6 +129,41 @@ class RLTrainer(Trainer):
         self.mode_weight = adv.mode_weight if adv.estimator == "step_srpo" else 0.0
 
     # ----------------------------------------------------------------------------- set-up
+    def _build_engine(self):
+        """`rl.rollout.engine`: the colocated `RolloutEngine` (megatron) or a vLLM worker
+        holding a copy of the policy, refitted after every optimizer step (vllm)."""
+        cfg, rl = self.cfg, self.cfg.rl
+        dtype = self.model[0].config.params_dtype
+        if self.parts.rollout.engine == "vllm":
+            from kat_megatron.rl.vllm_engine import VllmRolloutEngine
+
+            return VllmRolloutEngine(
+                self.model,
+                self.tokenizer,
+                cfg.model,
+                self.parts.rollout,
+                max_sequence_length=rl.max_sequence_length,
+                params_dtype=dtype,
+                seed=cfg.training.seed,
+                log_dir=self.run_dir,
+            )
+        return RolloutEngine(
+            self.model,
+            self.tokenizer,
+            max_sequence_length=rl.max_sequence_length,
+            max_batch_size=rl.engine_max_batch_size,
+            params_dtype=dtype,
+            seed=cfg.training.seed,
+        )
+
+    def run(self) -> list[dict[str, Any]]:
+        try:
+            return super().run()
+        finally:
+            close = getattr(self.engine, "close", None)
+            if close is not None:  # the vLLM worker process
+                close()
+
     def _build_reference(self) -> list:
         """The frozen reference policy (same layout, no DDP): `rl.reference_ckpt`, else the
         initial policy `checkpoint.load`."""
@@ -258,15 +301,18 @@ class RLTrainer(Trainer):
         train_start = time.perf_counter()
         if got.groups_trained > 0:
             losses, grad_norm, ok, updates = self._train(samples)
+            refit_start = time.perf_counter()
             self.engine.refit()
+            refit_s = time.perf_counter() - refit_start
         else:  # no group with signal (dynamic sampling) or every group had a reward error
-            losses, grad_norm, ok, updates = [], None, False, 0
+            losses, grad_norm, ok, updates, refit_s = [], None, False, 0, 0.0
             log.warning(
                 "step %d: no group to train on (no learning signal, or reward errors); "
                 "skipping the update",
                 self.state.step + 1,
             )
         train_s = time.perf_counter() - train_start
+        diff_max = _pop_max(losses, DIFF_MAX)
         reduced = reduce_metrics(losses)
         train_tokens = _sum_over_dp(sum(s.num_positions for s in samples))
         self.state.step += 1
@@ -299,6 +345,10 @@ class RLTrainer(Trainer):
             "dual_clip_frac": self.loss_cfg.dual_clip_c is None,
         }
         row.update({k: v for k, v in reduced.items() if k not in row and not unused.get(k)})
+        if diff_max is not None:  # beside rollout/logprob_diff_mean (from reduce_metrics)
+            row[DIFF_MAX] = diff_max
+        if self.parts.rollout.engine == "vllm":  # the colocated engine's refit is a no-op
+            row["refit_time_s"] = refit_s
         row.update(rollout_metrics(got.rows, self.mode_weight))
         self._log_rollouts(got)
         log.info(
