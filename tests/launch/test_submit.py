@@ -169,7 +169,7 @@ def test_container_and_venv_exclude_each_other(capsys):
         ("examples/kat_v1_40b_pretrain/config.yaml", 3, 8,
          "--nodes 3 x 8 ranks per node = 24 ranks: world size 24 is not divisible by tp*pp*cp=32"),
         ("examples/kat_200b_a40b_pretrain/config.yaml", 6, 8,
-         "parallel.ep=16 must divide data-parallel x context-parallel size 3"),
+         "world size 48 is not divisible by etp*ep*pp=128"),
         ("examples/kat_v1_40b_pretrain/config.yaml", 48, 8,
          "training.global_batch_size=1024 is not a multiple of training.micro_batch_size x "
          "data-parallel size = 1 x 12"),

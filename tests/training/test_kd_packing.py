@@ -68,7 +68,7 @@ def test_packing_config_errors(tmp_path):
         load_run_config(None, [*base, "kd.packing=true", "kd.mask_document_boundaries=false"])
     with pytest.raises(ValueError, match="kd.teacher.mode=offline"):
         load_run_config(None, [*base, "kd.packing=true", "kd.alpha=0.5",
-                               f"kd.teacher.topk_dir={tmp_path}"])  # fmt: skip
+                               "kd.teacher.mode=offline", f"kd.teacher.topk_dir={tmp_path}"])  # fmt: skip
 
 
 def test_packed_kd_runs_across_layouts(tmp_path, tiny_corpus, kat, metrics):
