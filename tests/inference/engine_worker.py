@@ -47,6 +47,31 @@ def train_checkpoint(root: Path, steps: int) -> Path:
     return run / "checkpoints"
 
 
+def start_server(args: list[str], d: Path, timeout: float = 240):
+    """`kat serve ARGS --port 0 --ready-file d/ready.txt` as a subprocess (logs d/out.log,
+    d/err.log); returns (process, base URL) once the ready file exists, or fails the test with
+    the server's stderr. The caller terminates the process."""
+    import subprocess
+    import time
+
+    import pytest
+
+    ready = d / "ready.txt"
+    cmd = [sys.executable, "-m", "kat_megatron.cli", "serve", *args, "--port", "0",
+           "--ready-file", str(ready)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    repo = Path(__file__).resolve().parents[2]
+    with open(d / "out.log", "w") as out, open(d / "err.log", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=err)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"kat serve did not start:\n{(d / 'err.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    return proc, ready.read_text().strip()
+
+
 def recomputed_logprobs(model, completion, tp: int = 1) -> torch.Tensor:
     """log p(token_ids) from one full forward of prompt + completion through Megatron-Core's
     forward-only schedule (no inference context, no KV cache): what the trainer computes."""

@@ -8,12 +8,9 @@ The last test stops the server with SIGTERM and expects exit code 0 and no rank 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -41,21 +38,9 @@ def ckpt(tmp_path_factory) -> Path:
 def server(ckpt, tmp_path_factory):
     """`kat serve --nproc 2` on a free port; yields (process, base URL, ready file)."""
     d = tmp_path_factory.mktemp("serve")
-    ready = d / "ready.txt"
-    cmd = [sys.executable, "-m", "kat_megatron.cli", "serve", "--ckpt", str(ckpt), "--nproc", "2",
-           "--port", "0", "--ready-file", str(ready), "--max-sequence-length", "192",
-           "--max-batch-size", "8", "--model-name", "kat,any"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(d / "out.log", "w") as out, open(d / "err.log", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
-    deadline = time.monotonic() + 240
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"kat serve did not start:\n{(d / 'err.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    url = ready.read_text().strip()
-    yield proc, url, ready, d
+    proc, url = W.start_server(["--ckpt", str(ckpt), "--nproc", "2", "--max-sequence-length",
+                                "192", "--max-batch-size", "8", "--model-name", "kat,any"], d)  # fmt: skip
+    yield proc, url, d / "ready.txt", d
     if proc.poll() is None:
         proc.kill()
         proc.wait()

@@ -12,9 +12,7 @@ nested JSON, too many connections, and 128 concurrent clients (all answered, in 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -36,22 +34,11 @@ def server(tmp_path_factory):
     """`kat serve` with small limits; yields (process, base URL, host, port, log dir)."""
     ckpt = W.train_checkpoint(tmp_path_factory.mktemp("abuse_ckpt"), steps=0)
     d = tmp_path_factory.mktemp("abuse")
-    ready = d / "ready.txt"
-    cmd = [sys.executable, "-m", "kat_megatron.cli", "serve", "--ckpt", str(ckpt), "--port", "0",
-           "--ready-file", str(ready), "--max-sequence-length", "128", "--max-batch-size", "64",
-           "--model-name", "kat,alias", "--limit-max-tokens", "32", "--limit-n", "4",
-           "--limit-prompts", "4", "--limit-samples", "8", "--max-body-bytes", "65536",
-           "--read-timeout", "2", "--max-connections", "200"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(d / "out.log", "w") as out, open(d / "err.log", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
-    deadline = time.monotonic() + 240
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"kat serve did not start:\n{(d / 'err.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    url = ready.read_text().strip()
+    proc, url = W.start_server(
+        ["--ckpt", str(ckpt), "--max-sequence-length", "128", "--max-batch-size", "64",
+         "--model-name", "kat,alias", "--limit-max-tokens", "32", "--limit-n", "4",
+         "--limit-prompts", "4", "--limit-samples", "8", "--max-body-bytes", "65536",
+         "--read-timeout", "2", "--max-connections", "200"], d)  # fmt: skip
     host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
     yield proc, url, host, int(port), d
     proc.kill()

@@ -12,7 +12,6 @@ non-streamed answer of the same request and seed exactly (no tolerance: same tok
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import struct
@@ -193,20 +192,10 @@ def server(tmp_path_factory):
     """`kat serve --nproc 2 --reasoning-parser autothink` on a free port: (base URL, log dir)."""
     ckpt = W.train_checkpoint(tmp_path_factory.mktemp("stream_ckpt"), steps=0)
     d = tmp_path_factory.mktemp("stream_serve")
-    ready = d / "ready.txt"
-    cmd = [sys.executable, "-m", "kat_megatron.cli", "serve", "--ckpt", str(ckpt), "--nproc", "2",
-           "--port", "0", "--ready-file", str(ready), "--max-sequence-length", "192",
-           "--max-batch-size", "8", "--reasoning-parser", "autothink", "--model-name", "kat"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(d / "out.log", "w") as out, open(d / "err.log", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
-    deadline = time.monotonic() + 240
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"kat serve did not start:\n{(d / 'err.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield ready.read_text().strip(), d
+    proc, url = W.start_server(
+        ["--ckpt", str(ckpt), "--nproc", "2", "--max-sequence-length", "192", "--max-batch-size",
+         "8", "--reasoning-parser", "autothink", "--model-name", "kat"], d)  # fmt: skip
+    yield url, d
     proc.terminate()
     try:
         proc.wait(timeout=60)
