@@ -69,9 +69,20 @@ def thd_params(lengths: Sequence[int], device: torch.device | None = None) -> Pa
     )
 
 
-def positions_of(lengths: Sequence[int]) -> torch.Tensor:
+def positions_of(lengths: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
     """int64 `[sum(lengths)]`: 0 .. n-1 for every document."""
-    return torch.cat([torch.arange(n) for n in lengths])
+    return torch.cat([torch.arange(n, device=device) for n in lengths])
+
+
+def close_row(
+    lengths: Sequence[int], used: int, multiple: int, device: torch.device | None = None
+) -> tuple[int, torch.Tensor, PackedSeqParams]:
+    """One THD row's documents `lengths` (`used` tokens in all), closed with one dummy document
+    up to t = `used` rounded up to `multiple`: `(t, position_ids [1, t], packed_seq_params)`."""
+    t = padded_length(used, multiple)
+    if t > used:
+        lengths = [*lengths, t - used]
+    return t, positions_of(lengths, device).unsqueeze(0), thd_params(lengths, device=device)
 
 
 def pack_rows(
@@ -87,15 +98,13 @@ def pack_rows(
         lengths += [z - a for a, z in zip(cu[:-1], cu[1:]) if z > a]
         if cu[-1] < s:
             lengths.append(s - cu[-1])  # the row's padding tail: a dummy document
-    t = padded_length(b * s, multiple)
-    if t > b * s:
-        lengths.append(t - b * s)
+    t, positions, params = close_row(lengths, b * s, multiple)
     out = {}
     for key, fill in (("tokens", pad_id), ("labels", pad_id), ("loss_mask", 0)):
         flat = batch[key].reshape(-1)
         out[key] = torch.cat([flat, flat.new_full((t - b * s,), fill)]).unsqueeze(0)
-    out["position_ids"] = positions_of(lengths).unsqueeze(0)
-    out["packed_seq_params"] = thd_params(lengths)
+    out["position_ids"] = positions
+    out["packed_seq_params"] = params
     return out
 
 
@@ -115,13 +124,9 @@ def eod_rows(tokens_bs: torch.Tensor, eod_id: int, multiple: int) -> dict:
                 start = i + 1
         if start < s:
             lengths.append(s - start)
-    t = padded_length(b * s, multiple)
-    if t > b * s:
-        lengths.append(t - b * s)
+    t, positions, params = close_row(lengths, b * s, multiple, tokens_bs.device)
     flat = tokens_bs.reshape(-1)
     tokens = torch.cat([flat, flat.new_full((t - b * s,), eod_id)]).unsqueeze(0)
-    params = thd_params(lengths, device=tokens_bs.device)
-    positions = positions_of(lengths).to(tokens_bs.device).unsqueeze(0)
     return {
         "tokens": tokens,
         "position_ids": positions,

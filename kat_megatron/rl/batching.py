@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kat_megatron.models.packed_seq import padded_length, positions_of, thd_params
+from kat_megatron.models.packed_seq import close_row
 
 
 @dataclass
@@ -122,15 +122,12 @@ def pack_rollouts(
         if s is not None:
             valid[i, : s.num_positions] = True
     n = sum(lengths)
-    t = padded_length(n, pad_multiple)
-    if t > n:
-        lengths.append(t - n)  # padding to the TP multiple: a dummy document without loss
+    # padding to the TP multiple: a dummy document without loss
+    t, out["position_ids"], out["packed_seq_params"] = close_row(lengths, n, pad_multiple)
     for key in ("tokens", "labels"):
         packed = torch.full((t,), pad_id, dtype=torch.long)
         packed[:n] = out[key][valid]
         out[key] = packed.unsqueeze(0)
-    out["position_ids"] = positions_of(lengths).unsqueeze(0)
-    out["packed_seq_params"] = thd_params(lengths)
     out["valid"] = valid
     return out
 
