@@ -27,18 +27,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 pytestmark = pytest.mark.timeout(900)
 
 
-def _write_chats():
+def _sft():
+    """tests/training/test_sft.py as a module (its SFT config and chat writer)."""
     spec = importlib.util.spec_from_file_location(
         "kat_test_sft", Path(__file__).with_name("test_sft.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_chats
+    return module
 
 
 def test_pack_rows_layout():
@@ -84,21 +84,8 @@ def test_packing_config():
 
 
 def test_packed_sft_matches_dense_mask(tmp_path, kat, metrics):
-    chats = _write_chats()(tmp_path / "chats.jsonl", 96, seed=2)
-    cfg = {
-        "stage": "sft",
-        "model": {"preset": "tiny-dense"},
-        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1},
-        "training": {"steps": 10, "micro_batch_size": 2, "global_batch_size": 4},
-        "data": {"jsonl": [str(chats)], "seq_length": 128},
-        "checkpoint": {"save": False},
-        "logging": {"tensorboard": False},
-    }
-    config = tmp_path / "sft.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    init = tmp_path / "init"
-    kat(["train", str(config), f"run.dir={init}", "training.steps=0", "checkpoint.save=true"])
-    load = f"checkpoint.load={init / 'checkpoints' / 'iter_0000000'}"
+    config, load = _sft().sft_config_and_init(tmp_path, kat, "tiny-dense", chats=96, seed=2,
+                                              steps=10)  # fmt: skip
     runs = {}
     for name, over in (("dense", ["data.packing=false"]), ("packed", ["data.packing=true"])):
         kat(["train", str(config), f"run.dir={tmp_path / name}", load, *over])

@@ -48,6 +48,29 @@ def write_chats(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def sft_config_and_init(
+    tmp_path: Path, kat, preset: str, chats: int, seed: int, steps: int
+) -> tuple[Path, str]:
+    """An SFT config (`preset`, `chats` chat records of `seed`, micro-batch 2, global batch 4,
+    seq 128, fp32 on CPU) and the `checkpoint.load=` override of its step-0 checkpoint, so that
+    runs compared with each other start from the same weights."""
+    data = write_chats(tmp_path / "chats.jsonl", chats, seed=seed)
+    cfg = {
+        "stage": "sft",
+        "model": {"preset": preset},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1},
+        "training": {"steps": steps, "micro_batch_size": 2, "global_batch_size": 4},
+        "data": {"jsonl": [str(data)], "seq_length": 128},
+        "checkpoint": {"save": False},
+        "logging": {"tensorboard": False},
+    }
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    init = tmp_path / "init"
+    kat(["train", str(config), f"run.dir={init}", "training.steps=0", "checkpoint.save=true"])
+    return config, f"checkpoint.load={init / 'checkpoints' / 'iter_0000000'}"
+
+
 def test_packed_rows_match_unpacked_documents(tmp_path, tiny_tokenizer):
     from kat_megatron.config import ModelConfig, ParallelConfig
     from kat_megatron.config.presets import get_preset
@@ -90,21 +113,7 @@ def test_packed_rows_match_unpacked_documents(tmp_path, tiny_tokenizer):
 
 def test_sft_layouts_match_one_rank(tmp_path, kat, metrics):
     """tiny-moe SFT from one initial checkpoint: TP=2, PP=2 and EP=2 reproduce one rank."""
-    chats = write_chats(tmp_path / "chats.jsonl", 64, seed=1)
-    cfg = {
-        "stage": "sft",
-        "model": {"preset": "tiny-moe"},
-        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1},
-        "training": {"steps": 6, "micro_batch_size": 2, "global_batch_size": 4},
-        "data": {"jsonl": [str(chats)], "seq_length": 128},
-        "checkpoint": {"save": False},
-        "logging": {"tensorboard": False},
-    }
-    config = tmp_path / "sft.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    init = tmp_path / "init"
-    kat(["train", str(config), f"run.dir={init}", "training.steps=0", "checkpoint.save=true"])
-    load = f"checkpoint.load={init / 'checkpoints' / 'iter_0000000'}"
+    config, load = sft_config_and_init(tmp_path, kat, "tiny-moe", chats=64, seed=1, steps=6)
     proc = kat(["train", str(config), f"run.dir={tmp_path / 'base'}", load])
     assert "skipped 1 malformed chat record" in proc.stderr
     base = [r["loss"] for r in metrics(tmp_path / "base")]
