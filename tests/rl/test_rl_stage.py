@@ -22,7 +22,9 @@ need a chain) with cold-start data that reasons on half the easy prompts and on 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
 
@@ -44,29 +46,42 @@ TIMING_KEYS = ("time", "per_s")
 def task(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rl_task")
     write_jsonl(root / "prompts.jsonl", [prompt_record(e) for e in make_tasks(128, seed=5)])
-    sft = coldstart_records(2000, seed=1, think_on_rate={"easy": 0.5, "hard": 1.0})
-    write_jsonl(root / "sft.jsonl", sft)
     return root
 
 
 @pytest.fixture(scope="module")
-def sft_ckpt(task, kat) -> Path:
-    """The SFT'd policy every RL run starts from (one rank)."""
-    cfg = {
-        "stage": "sft",
-        "model": {"preset": "tiny-dense"},
-        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
-        "training": {"steps": 600, "micro_batch_size": 4, "global_batch_size": 4, "seed": 3},
-        "data": {"jsonl": [str(task / "sft.jsonl")], "seq_length": 256},
-        "logging": {"tensorboard": False, "interval": 100},
-        "run": {"dir": str(task / "sft")},
-    }
-    path = task / "sft.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    start = time.perf_counter()
-    kat(["train", str(path)])
-    print(f"SFT: {cfg['training']['steps']} steps in {time.perf_counter() - start:.0f} s")
-    return task / "sft" / "checkpoints" / "iter_0000600"
+def sft_ckpt(tmp_path_factory, kat) -> Path:
+    """The SFT'd policy every RL run starts from (one rank), trained once per test session:
+    test_vllm_rollout.py starts from the same checkpoint, and under pytest-xdist the first
+    worker to need it trains it into the workers' shared temporary directory while the others
+    wait on a file lock (the run is deterministic, so either module training it is the same)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "rl_sft_shared"
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt = root / "sft" / "checkpoints" / "iter_0000600"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "done").exists():
+            sft = coldstart_records(2000, seed=1, think_on_rate={"easy": 0.5, "hard": 1.0})
+            write_jsonl(root / "sft.jsonl", sft)
+            steps = {"steps": 600, "micro_batch_size": 4, "global_batch_size": 4, "seed": 3}
+            cfg = {
+                "stage": "sft",
+                "model": {"preset": "tiny-dense"},
+                "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
+                "training": steps,
+                "data": {"jsonl": [str(root / "sft.jsonl")], "seq_length": 256},
+                "logging": {"tensorboard": False, "interval": 100},
+                "run": {"dir": str(root / "sft")},
+            }
+            path = root / "sft.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            start = time.perf_counter()
+            kat(["train", str(path)])
+            print(f"SFT: {cfg['training']['steps']} steps in {time.perf_counter() - start:.0f} s")
+            assert ckpt.is_dir(), ckpt
+            (root / "done").write_text("")
+    return ckpt
 
 
 def rl_config(task: Path, sft: Path, run: str, **over) -> Path:

@@ -1,7 +1,7 @@
 """vLLM as stage rl's rollout engine: `pytest tests/rl/test_vllm_rollout.py` (needs `make vllm`).
 
 The policy is test_rl_stage.py's SFT'd tiny-dense model (32-wide heads, which vLLM's CPU
-attention needs), trained again here (~50 s) by the same fixture.
+attention needs), from the same fixture: trained once per test session, shared by both modules.
 - Refit parity (`vllm_parity_worker.py`, TP=1 and TP=2 training layouts): on the same live
   weights, vLLM's greedy completions equal kat's engine token for token, and its log-probs equal
   kat's and the trainer's full forward within 1e-5. Both run fp32 and differ in kernels (oneDNN
