@@ -199,6 +199,13 @@ class ParallelConfig:
     last_stage_layers: int | None = None
     """Decoder layers on the last pipeline stage (`num_layers_in_last_pipeline_stage`), e.g. fewer
     to make room for the output layer and loss; None: an even share."""
+    account_for_embedding_in_pipeline_split: bool = False
+    """Megatron-Core's option of the same name: the split counts the embedding as one more layer,
+    placed first (the first virtual stage of the first rank builds one decoder layer fewer).
+    Excludes `first_stage_layers` / `last_stage_layers` (`pipeline_split`)."""
+    account_for_loss_in_pipeline_split: bool = False
+    """Megatron-Core's option of the same name: the output layer and loss count as one more
+    layer, placed last (the last virtual stage of the last rank builds one decoder layer fewer)."""
     ep: int = 1
     """Expert-parallel size (MoE)."""
     etp: int | None = None
@@ -228,6 +235,19 @@ class ParallelConfig:
                 _positive(s, name, getattr(self, name))
                 if self.pp == 1:
                     raise ValueError(f"parallel.{name} needs parallel.pp > 1")
+        for name in (
+            "account_for_embedding_in_pipeline_split",
+            "account_for_loss_in_pipeline_split",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"parallel.{name}={getattr(self, name)!r}: expected true or false")
+            if getattr(self, name) and self.pp == 1:
+                raise ValueError(f"parallel.{name} needs parallel.pp > 1")
+        if self.accounts_in_split and (self.first_stage_layers or self.last_stage_layers):
+            raise ValueError(
+                "parallel.account_for_embedding/loss_in_pipeline_split cannot be combined with "
+                "parallel.first_stage_layers/last_stage_layers (Megatron-Core refuses both)"
+            )
         _choice(s, "dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
@@ -235,6 +255,13 @@ class ParallelConfig:
     @property
     def sp(self) -> bool:
         return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
+    def accounts_in_split(self) -> bool:
+        """The embedding or the loss counts as a layer in the pipeline split."""
+        return (
+            self.account_for_embedding_in_pipeline_split or self.account_for_loss_in_pipeline_split
+        )
 
     @property
     def model_parallel_size(self) -> int:
@@ -673,8 +700,11 @@ def pipeline_split(num_layers: int, par: ParallelConfig) -> list[int]:
     Even (no first/last given): pp * vpp divides the layers. Uneven: the first and/or last stage
     take the given counts, the stages between share the rest evenly (there must be some iff
     layers remain); with vpp every stage's count is a multiple of vpp. Each rank's layers are
-    split into vpp chunks; chunk v of all ranks covers layers [v*L/vpp, (v+1)*L/vpp)."""
+    split into vpp chunks; chunk v of all ranks covers layers [v*L/vpp, (v+1)*L/vpp). With
+    `account_for_embedding/loss_in_pipeline_split`: `_accounted_split`."""
     pp, vpp, first, last = par.pp, par.vpp or 1, par.first_stage_layers, par.last_stage_layers
+    if par.accounts_in_split:
+        return _accounted_split(num_layers, par)
     if first is None and last is None:
         if num_layers % (pp * vpp):
             what = f"parallel.pp={pp}" + (f" x parallel.vpp={par.vpp}" if par.vpp else "")
@@ -698,6 +728,24 @@ def pipeline_split(num_layers: int, par: ParallelConfig) -> list[int]:
         )
     per = middle // stages if stages else 0
     return [first or per] + [per] * (pp - 2) + [last or per]
+
+
+def _accounted_split(num_layers: int, par: ParallelConfig) -> list[int]:
+    """`pipeline_split` with the embedding and/or the loss counted as layers: L + 1 or L + 2
+    slots split evenly over pp (and vpp); the first rank builds one layer fewer for the
+    embedding, the last one fewer for the loss (Megatron-Core's `get_num_layers_to_build`)."""
+    emb, loss = par.account_for_embedding_in_pipeline_split, par.account_for_loss_in_pipeline_split
+    slots, vpp = num_layers + emb + loss, par.vpp or 1
+    if slots % (par.pp * vpp):
+        what = f"parallel.pp={par.pp}" + (f" x parallel.vpp={par.vpp}" if par.vpp else "")
+        raise ValueError(
+            f"{what} does not divide model.num_layers={num_layers} + {emb + loss} (the embedding "
+            "and/or loss counted as layers by parallel.account_for_*_in_pipeline_split)"
+        )
+    split = [slots // par.pp] * par.pp
+    split[0] -= emb
+    split[-1] -= loss
+    return split
 
 
 def _divisors(n: int) -> list[int]:

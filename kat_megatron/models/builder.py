@@ -133,6 +133,8 @@ def transformer_config(
         # get_num_layers_to_build / get_transformer_layer_offset.
         num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
         num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
+        account_for_embedding_in_pipeline_split=parallel.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=parallel.account_for_loss_in_pipeline_split,
         sequence_parallel=parallel.sp,
         use_cpu_initialization=not torch.cuda.is_available(),
         deterministic_mode=not torch.cuda.is_available(),

@@ -134,16 +134,25 @@ def _norm(model: ModelConfig, opts: ActivationOptions, tokens_sp: float) -> floa
     return (_norm_copies(model, opts) * model.hidden_size * opts.act_bytes + 4) * tokens_sp
 
 
-def _mlp(model: ModelConfig, ffn: float, tokens: float, beta: int, expert: bool = False) -> float:
+def _fp8(model: ModelConfig, opts: ActivationOptions) -> bool:
+    """FP8 linear layers (`model.fp8`, Transformer Engine only)."""
+    return model.fp8 is not None and opts.backend == "te"
+
+
+def _mlp(
+    model: ModelConfig, ffn: float, tokens: float, beta: int, expert: bool = False, fp8=False
+) -> float:
     """Bytes the MLP activation and FC2 save (module docstring): unfused SwiGLU 5f (experts 6f),
-    fused SwiGLU 3f (experts too), GELU 2f (experts 3f)."""
+    fused SwiGLU 3f (experts too), GELU 2f (experts 3f); with FP8 the f that FC2 saves is its
+    1-byte quantized input."""
     if model.activation != "swiglu":
         widths = 3 if expert else 2
     elif model.swiglu_fused:
         widths = 3
     else:
         widths = 6 if expert else 5
-    return tokens * ffn * widths * beta
+    fc2_in = tokens * ffn * (1 if fp8 else beta)
+    return tokens * ffn * (widths - 1) * beta + fc2_in
 
 
 def layer_terms(
@@ -152,16 +161,20 @@ def layer_terms(
     """Bytes one transformer layer saves for backward for one micro-batch, by term."""
     sh = _shape(layout, opts)
     h, b, tp = model.hidden_size, sh.beta, layout.tp
-    swiglu = model.activation == "swiglu"
+    swiglu, fp8 = model.activation == "swiglu", _fp8(model, opts)
     if opts.recompute == "full":
         return {"layer_input": sh.tokens_sp * h * b}
+    # QKV and FC1 keep their inputs, FP8 linear layers a 1-byte copy; the router (not FP8) its own
+    fc1_in = 1 if fp8 and not moe else b
     out = {
         "norms": 2 * _norm(model, opts, sh.tokens_sp),
-        "linear_inputs": 2 * sh.tokens_sp * h * b,  # QKV and FC1/router inputs
+        "linear_inputs": sh.tokens_sp * h * ((1 if fp8 else b) + fc1_in),
     }
     out.update(_attention(model, layout, opts))
+    if fp8:  # linear_proj's FP8 copy of the attention output, which attention keeps in bf16
+        out["proj_input_fp8"] = sh.tokens * model.num_attention_heads / tp * model.head_dim
     if not moe:
-        out["mlp"] = _mlp(model, model.ffn_hidden_size / tp, sh.tokens, b)
+        out["mlp"] = _mlp(model, model.ffn_hidden_size / tp, sh.tokens, b, fp8=fp8)
         return out
     e, k = model.num_moe_experts, model.moe_router_topk
     routed = sh.tokens_sp * k * layout.etp_size * _load(layout, opts)
@@ -170,14 +183,17 @@ def layer_terms(
     # Experts scale their activation by the routing probability inside the expert MLP (the
     # fp32 probabilities: 4 bytes per routed token). Selective recompute's `moe_act`
     # (grouped-GEMM experts, so `te` only) keeps only FC1's output and rebuilds the rest.
+    # With FP8, FC2's quantized input is its own tensor and survives the recompute of `moe_act`.
     if opts.recompute == "selective" and opts.backend == "te":
-        act = routed * ffn_e * (2 if swiglu else 1) * b
+        act = routed * ffn_e * ((2 if swiglu else 1) * b + (1 if fp8 else 0))
     else:
-        act = _mlp(model, ffn_e, routed, b, expert=True)
-    out["experts"] = routed * (h * b + 4) + act
+        act = _mlp(model, ffn_e, routed, b, expert=True, fp8=fp8)
+    out["experts"] = routed * (h * (1 if fp8 else b) + 4) + act
     shared = model.moe_shared_expert_intermediate_size
     if shared:
-        out["shared_expert"] = _mlp(model, shared / tp, sh.tokens, b)
+        out["shared_expert"] = _mlp(model, shared / tp, sh.tokens, b, fp8=fp8)
+        if fp8:  # the shared expert's FC1 keeps its own FP8 copy of the normed input
+            out["shared_expert"] += sh.tokens_sp * h
     return out
 
 

@@ -9,8 +9,9 @@ Not a performance model: enough to rank layouts that fit. Sources:
   et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters using
   Megatron-LM", arXiv:2104.04473, Sec. 5.1; Korthikanti et al. 2022, Sec. 6). The embedding is a
   lookup; the output layer runs once per MTP depth more.
-- Bubble: (pp - 1) / (m * vpp) of the ideal compute time for m micro-batches per step
-  (Narayanan et al. 2021, Sec. 2.2.1 and 2.2.2).
+- Bubble: (pp - 1) / (m * vpp) of the time m micro-batches take on the stage, their exposed
+  TP / EP / CP / PP communication and launch overhead included (Narayanan et al. 2021, Sec.
+  2.2.1 and 2.2.2).
 - TP with sequence parallelism: per layer and micro-batch, forward all-gathers and reduce-scatters
   of the T*h activation before/after attention and MLP (4 collectives forward, 4 backward, 2 more
   forward under full recompute), each moving (t-1)/t of its size per GPU (Korthikanti Sec. 4.2.2).
@@ -29,10 +30,12 @@ Not a performance model: enough to rank layouts that fit. Sources:
   plus a fixed `layer_overhead_ms` per layer and micro-batch (launch-bound kernels).
   Communication runs at NVLink speed inside a node and InfiniBand across nodes (Megatron-Core
   rank order tp-cp-ep-dp-pp: a group is inside a node when its members' span fits one); an
-  alltoall whose group spans nodes sends only the share bound for other nodes over InfiniBand
-  ((span - node) / span of its bytes), the rest over NVLink. Overlap assumptions:
-  TP (sequence-parallel all-gather / reduce-scatter) and EP alltoalls are exposed: kat does not
-  turn on Megatron-Core's `tp_comm_overlap` (userbuffers) or `moe_a2a_overlap`; CP's ring
+  alltoall sends the share bound for peers on other nodes over InfiniBand while the rest moves
+  over NVLink at the same time (`_alltoall_s`: the slower sets the time). Overlap assumptions:
+  TP's forward collectives and the backward's output-gradient all-gather are exposed, the
+  backward's input re-gather and gradient reduce-scatter hide behind the dgrad / wgrad GEMMs
+  (two thirds of the compute; `_layer_comm`); EP alltoalls are exposed: kat does not turn on
+  Megatron-Core's `tp_comm_overlap` (userbuffers) or `moe_a2a_overlap`; CP's ring
   exchange is hidden behind the attention blocks up to the attention compute time (Megatron-Core
   overlaps each K/V step with the previous block's attention); DP with the distributed
   optimizer and `overlap_grad_reduce` on (`PlanOptions.overlap_grad_reduce`, kat's config
@@ -51,7 +54,7 @@ Not a performance model: enough to rank layouts that fit. Sources:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kat_megatron.config.schema import ModelConfig
 from kat_megatron.models.builder import padded_vocab_size
@@ -102,6 +105,8 @@ class StepCost:
     """Estimated seconds per step (compute x (1 + bubble) + exposed communication)."""
     efficiency: float = 0.0
     """FLOP-weighted matmul efficiency (fraction of peak) of the busiest stage's layers."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """Seconds of `step_s` by term (compute, bubble, overhead, tp, ep, cp, dp, pp)."""
 
 
 def step_flops(model: ModelConfig, batch: Batch, recompute: str) -> float:
@@ -137,8 +142,11 @@ def _layer_parts(
         (2 * heads * d * h, min(tokens, h, heads * d / layout.tp)),
     ]
     if moe:
+        # each expert gets the routed tokens of its EP group's T' = T / TP shards (SP), ETP
+        # all-gathers them: T' * ETP * EP * k / E
         k, fe = model.moe_router_topk, model.moe_ffn_hidden_size or model.ffn_hidden_size
-        per_expert = tokens * layout.ep * k / model.num_moe_experts
+        tokens_sp = tokens / layout.tp if layout.sp else tokens
+        per_expert = tokens_sp * layout.etp_size * layout.ep * k / model.num_moe_experts
         parts.append((2 * 3 * h * fe * k, min(per_expert, h, fe / layout.etp_size)))
         shared = model.moe_shared_expert_intermediate_size
         if shared:
@@ -160,12 +168,16 @@ def matmul_efficiency(
     return work / seconds
 
 
-def _alltoall_s(nbytes: float, span: int, gpus_per_node: int, hw: Hardware) -> float:
-    """An alltoall over `span` consecutive ranks: the share for other nodes crosses InfiniBand."""
-    if span <= gpus_per_node:
-        return nbytes / (hw.nvlink_gbs * 1e9)
-    remote = (span - gpus_per_node) / span
-    return nbytes * remote / (hw.ib_gbs * 1e9) + nbytes * (1 - remote) / (hw.nvlink_gbs * 1e9)
+def _alltoall_s(nbytes: float, size: int, stride: int, gpus_per_node: int, hw: Hardware) -> float:
+    """An alltoall in which each GPU sends `nbytes` to the other `size - 1` members of a group
+    spaced `stride` ranks apart (EP: stride ETP): the share bound for members on other nodes
+    crosses InfiniBand while the rest moves over NVLink at the same time (NCCL posts the sends
+    to all peers together), so the slower of the two sets the time."""
+    if size < 2:
+        return 0.0
+    per_node = max(1, min(size, gpus_per_node // stride))
+    remote = (size - per_node) / (size - 1)
+    return max(nbytes * remote / (hw.ib_gbs * 1e9), nbytes * (1 - remote) / (hw.nvlink_gbs * 1e9))
 
 
 def _bw(span: int, gpus_per_node: int, hw: Hardware) -> float:
@@ -180,21 +192,32 @@ def _collective(size: int, nbytes: float) -> float:
 
 def _layer_comm(
     model: ModelConfig, layout: Layout, opts: ActivationOptions, moe: bool
-) -> tuple[float, float, float]:
-    """(TP, EP, CP) bytes per GPU for one layer and one micro-batch, forward + backward."""
+) -> tuple[float, float, float, float, float]:
+    """(TP exposed, TP overlapped, EP alltoall, ETP, CP) bytes per GPU for one layer and one
+    micro-batch,
+    forward + backward (+ the recomputed forward: full recompute reruns every collective of the
+    forward, selective the core attention and so its ring exchange).
+
+    TP with SP, per block (attention; dense MLP or shared expert): forward all-gather and
+    reduce-scatter (exposed); backward the all-gather of the output gradient (exposed), and
+    the re-gather of the saved input shard and the reduce-scatter of its gradient, which
+    Megatron-Core's and TE's linear layers run asynchronously behind the dgrad and wgrad GEMMs
+    (overlapped)."""
     tokens = opts.micro_batch * opts.seq_len / layout.cp
     act = tokens * model.hidden_size * opts.act_bytes
-    ops = 4 + (4 if not moe or model.moe_shared_expert_intermediate_size else 0)
-    ops *= 1.5 if opts.recompute == "full" else 1.0
-    tp = _collective(layout.tp, act) * ops
-    ep = 0.0
-    if moe:
+    blocks = 1 + (1 if not moe or model.moe_shared_expert_intermediate_size else 0)
+    full = opts.recompute == "full"
+    one = _collective(layout.tp, act)
+    tp_exposed = blocks * one * (3 + (2 if full else 0))
+    tp_hidden = blocks * one * 2
+    ep = etp = 0.0
+    if moe:  # dispatch and combine forward, their gradients backward (and again recomputed)
         routed = act / layout.tp * model.moe_router_topk
-        ep = 4 * _collective(layout.ep, routed)
-        ep += 4 * _collective(layout.etp_size, routed * layout.etp_size)
+        ep = 4 * _collective(layout.ep, routed) * (1.5 if full else 1.0)
+        etp = 4 * _collective(layout.etp_size, routed * layout.etp_size) * (1.5 if full else 1.0)
     kv = tokens * 2 * model.num_query_groups / layout.tp * model.head_dim * opts.act_bytes
-    cp = 3 * (layout.cp - 1) * kv
-    return tp, ep, cp
+    cp = (3 + (1 if opts.recompute != "none" else 0)) * (layout.cp - 1) * kv
+    return tp_exposed, tp_hidden, ep, etp, cp
 
 
 def step_cost(
@@ -230,12 +253,13 @@ def step_cost(
     stage = [
         pattern[i] for vp in range(layout.chunks) for i in chunk_layers(model, layout, busiest, vp)
     ]
-    tp = ep = cp = 0.0
+    tp = tp_hidden = ep = etp = cp = 0.0
     inv_eff = 0.0  # layer-weighted 1 / efficiency
     for kind in set(stage):
         n = stage.count(kind)
-        t, e, c = _layer_comm(model, layout, opts, bool(kind))
-        tp, ep, cp = tp + m * n * t, ep + m * n * e, cp + m * n * c
+        t, th, e, et, c = _layer_comm(model, layout, opts, bool(kind))
+        tp, tp_hidden = tp + m * n * t, tp_hidden + m * n * th
+        ep, etp, cp = ep + m * n * e, etp + m * n * et, cp + m * n * c
         inv_eff += n / matmul_efficiency(model, layout, opts, bool(kind), hw)
     eff = len(stage) / inv_eff
     dense, expert = grad_numel
@@ -244,22 +268,29 @@ def step_cost(
     dp += _collective(layout.expert_dp, expert * bytes_per)
     tokens = opts.micro_batch * opts.seq_len / layout.cp / layout.tp
     pp = 2 * m * layout.chunks * tokens * model.hidden_size * opts.act_bytes if layout.pp > 1 else 0
-    span_ep = layout.etp_size * layout.ep
     imbalance = work[busiest] * layout.pp / sum(work)  # 1 without pipeline parallelism
     compute = flops * imbalance / (hw.tflops * 1e12 * eff)
-    seconds = compute * (1 + bubble)
-    seconds += m * counts[busiest] * hw.layer_overhead_ms / 1e3
-    seconds += tp / _bw(layout.tp, gpus_per_node, hw)
-    seconds += _alltoall_s(ep, span_ep, gpus_per_node, hw)
+    parts = {"compute": compute}
+    parts["overhead"] = m * counts[busiest] * hw.layer_overhead_ms / 1e3
+    # TP: the backward's re-gathers and reduce-scatters hide behind the dgrad and wgrad GEMMs
+    # (two thirds of the layer compute), the rest is on the critical path
+    tp_bw = _bw(layout.tp, gpus_per_node, hw)
+    parts["tp"] = tp / tp_bw + max(0.0, tp_hidden / tp_bw - compute * 2 / 3)
+    parts["ep"] = _alltoall_s(ep, layout.ep, layout.etp_size, gpus_per_node, hw)
+    parts["ep"] += etp / _bw(layout.etp_size, gpus_per_node, hw)  # ETP stays inside a node
     # ring attention: each K/V step hides behind the attention block it feeds
     attn_s = compute * _attention_share(model, layout, opts, bool(stage[0]))
-    seconds += max(0.0, cp / _bw(layout.tp * layout.cp, gpus_per_node, hw) - attn_s)
+    parts["cp"] = max(0.0, cp / _bw(layout.tp * layout.cp, gpus_per_node, hw) - attn_s)
+    parts["pp"] = pp / _bw(layout.world, gpus_per_node, hw)
+    # The bubble idles a stage for (pp - 1) / vpp micro-batch slots, each as long as a
+    # micro-batch's whole critical path on that stage, its exposed communication included.
+    parts["bubble"] = bubble * sum(parts.values())
     dp_s = dp / _bw(layout.tp * layout.cp * layout.dp, gpus_per_node, hw)
     if overlap_grad_reduce and distributed_optimizer:
         dp_s = max(dp_s / hw.dp_buckets, dp_s - compute)
-    seconds += dp_s
-    seconds += pp / _bw(layout.world, gpus_per_node, hw)
-    return StepCost(flops, bubble, tp, ep, cp, dp, pp, seconds, eff)
+    parts["dp"] = dp_s
+    tp, ep = tp + tp_hidden, ep + etp
+    return StepCost(flops, bubble, tp, ep, cp, dp, pp, sum(parts.values()), eff, parts)
 
 
 def _stage_work(

@@ -131,20 +131,30 @@ def _layer_params(model: ModelConfig, layout: Layout, moe: bool) -> tuple[ParamS
 
 
 @functools.cache
-def _split(num_layers: int, pp: int, vpp: int | None, first: int | None, last: int | None):
-    par = ParallelConfig(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+def _split(num_layers: int, pp: int, vpp: int | None, first, last, emb: bool, loss: bool):
+    par = ParallelConfig(
+        pp=pp,
+        vpp=vpp,
+        first_stage_layers=first,
+        last_stage_layers=last,
+        account_for_embedding_in_pipeline_split=emb,
+        account_for_loss_in_pipeline_split=loss,
+    )
     return tuple(pipeline_split(num_layers, par))
 
 
 def stage_layer_counts(model: ModelConfig, layout: Layout) -> tuple[int, ...]:
-    """Decoder layers on each pipeline rank (`config.schema.pipeline_split`: even, or the
-    layout's first/last stage counts with the middle stages sharing the rest)."""
+    """Decoder layers on each pipeline rank (`config.schema.pipeline_split`: even, the layout's
+    first/last stage counts with the middle stages sharing the rest, or an even split of the
+    layers plus the embedding and/or loss, which take a layer's place on the first/last rank)."""
     return _split(
         model.num_layers,
         layout.pp,
         layout.vpp,
         layout.first_stage_layers,
         layout.last_stage_layers,
+        layout.account_for_embedding_in_pipeline_split,
+        layout.account_for_loss_in_pipeline_split,
     )
 
 
@@ -153,7 +163,19 @@ def chunk_layers(model: ModelConfig, layout: Layout, pp_rank: int, vp: int) -> r
 
     Megatron-Core's `get_transformer_layer_offset` / `get_num_layers_to_build`: each rank's
     layers fall into `vpp` equal chunks, and chunk `vp` of every rank, in rank order, covers
-    layers [vp*L/vpp, (vp+1)*L/vpp) (tests/planning/test_layouts.py checks them against it)."""
+    layers [vp*L/vpp, (vp+1)*L/vpp). With the embedding (loss) counted as a layer the same holds
+    for the L + 1 (+ 1) slots, slot 0 being the embedding (the last one the loss), so the first
+    (last) chunk builds one layer fewer (tests/planning/test_layouts.py checks both)."""
+    if layout.accounted:
+        emb = int(layout.account_for_embedding_in_pipeline_split)
+        loss = int(layout.account_for_loss_in_pipeline_split)
+        slots = model.num_layers + emb + loss
+        per_chunk = slots // (layout.pp * layout.chunks)
+        start = vp * (slots // layout.chunks) + pp_rank * per_chunk
+        first, last = (pp_rank, vp) == (0, 0), (pp_rank, vp) == (layout.pp - 1, layout.chunks - 1)
+        n = per_chunk - (emb if first else 0) - (loss if last else 0)
+        start -= 0 if first else emb
+        return range(start, start + n)
     per_chunk = [n // layout.chunks for n in stage_layer_counts(model, layout)]
     start = vp * (model.num_layers // layout.chunks) + sum(per_chunk[:pp_rank])
     return range(start, start + per_chunk[pp_rank])

@@ -1,15 +1,17 @@
 """Parallel layouts for `kat plan CONFIG|PRESET --gpus N`: what a layout is and which ones are valid.
 
 A `Layout` is TP x PP x VPP x EP x ETP x CP x DP with world size tp * pp * cp * dp, optionally with
-uneven pipeline stages (`first_stage_layers`, `last_stage_layers`). `check_layout`
+uneven pipeline stages (`first_stage_layers`, `last_stage_layers`, or the embedding and/or loss
+counted as layers: `account_for_*_in_pipeline_split`). `check_layout`
 returns the reason a layout cannot run (or None); `enumerate_layouts` walks every candidate for a
 cluster and returns the valid ones and the rejected ones with their reasons.
 
 Rules, each Megatron-Core's (or this project's config schema, `kat_megatron.config.check_layout`):
 TP divides attention heads, KV groups and the FFN width, and stays inside a node (its all-gathers
 and reduce-scatters sit on the critical path of every layer); PP x VPP divides the layers, or the
-first/last stage take given counts and the middle stages share the rest evenly (multiples of VPP;
-`config.schema.pipeline_split`); EP divides the experts; the world size divides ETP x EP x PP
+first/last stage take given counts and the middle stages share the rest evenly (multiples of VPP),
+or PP x VPP divides the layers plus the embedding and/or loss counted as layers
+(`config.schema.pipeline_split`); EP divides the experts; the world size divides ETP x EP x PP
 (Megatron-Core 0.16.1's `initialize_model_parallel`: EP need not divide DP x CP, experts may
 spread over tensor-parallel ranks); ETP divides the expert FFN width; the vocabulary is padded to a multiple of 128 x TP, so it
 always divides; CP splits each sequence into 2 x CP chunks (load-balanced causal attention); the
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from kat_megatron.config.schema import ModelConfig, ParallelConfig, expert_tp_size
 from kat_megatron.config.schema import check_layout as schema_check
 from kat_megatron.config.schema import pipeline_split as schema_split
+
+ACCOUNT_KEYS = ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,10 @@ class Layout:
     """Decoder layers on the first pipeline stage; None = an even share (as ParallelConfig)."""
     last_stage_layers: int | None = None
     """Decoder layers on the last pipeline stage; None = an even share."""
+    account_for_embedding_in_pipeline_split: bool = False
+    """The embedding counts as a layer in the split (ParallelConfig's option of that name)."""
+    account_for_loss_in_pipeline_split: bool = False
+    """The output layer and loss count as a layer in the split."""
 
     @property
     def world(self) -> int:
@@ -73,11 +81,22 @@ class Layout:
         """First or last pipeline stage with a given layer count."""
         return self.first_stage_layers is not None or self.last_stage_layers is not None
 
+    @property
+    def accounted(self) -> bool:
+        """The embedding or the loss counts as a layer in the pipeline split."""
+        return (
+            self.account_for_embedding_in_pipeline_split or self.account_for_loss_in_pipeline_split
+        )
+
     def label(self) -> str:
-        """'TP2 PP8 VPP2 EP64 ETP1 CP1 DP64'."""
+        """'TP2 PP8 VPP2 EP64 ETP1 CP1 DP64'; 'PP8(15,15)' for uneven stages, 'PP8(emb,loss)'
+        where the embedding and the loss count as layers ('=': an even share)."""
         parts = [f"TP{self.tp}", f"PP{self.pp}"]
         if self.uneven:
             parts[-1] += f"({self.first_stage_layers or '='},{self.last_stage_layers or '='})"
+        if self.accounted:
+            emb = "emb" if self.account_for_embedding_in_pipeline_split else "="
+            parts[-1] += f"({emb},{'loss' if self.account_for_loss_in_pipeline_split else '='})"
         if self.vpp:
             parts.append(f"VPP{self.vpp}")
         parts += [f"EP{self.ep}"]
@@ -97,6 +116,9 @@ class Layout:
         for name in ("first_stage_layers", "last_stage_layers"):
             if getattr(self, name) is not None:
                 out.append(f"parallel.{name}={getattr(self, name)}")
+        for name in ACCOUNT_KEYS:
+            if getattr(self, name):
+                out.append(f"parallel.{name}=true")
         if not distributed_optimizer:
             out.append("parallel.use_distributed_optimizer=false")
         return out
@@ -112,6 +134,7 @@ class Layout:
             first_stage_layers=self.first_stage_layers,
             last_stage_layers=self.last_stage_layers,
             use_distributed_optimizer=distributed_optimizer,
+            **{k: getattr(self, k) for k in ACCOUNT_KEYS},
         )
 
     @classmethod
@@ -128,6 +151,7 @@ class Layout:
             cp=par.cp,
             first_stage_layers=par.first_stage_layers,
             last_stage_layers=par.last_stage_layers,
+            **{k: getattr(par, k) for k in ACCOUNT_KEYS},
         )
 
 
@@ -232,18 +256,47 @@ def uneven_split(num_layers: int, pp: int, vpp: int | None) -> tuple[int | None,
     return best
 
 
+@functools.cache
+def split_fields(
+    num_layers: int, pp: int, vpp: int | None
+) -> tuple[tuple[str, object], ...] | None:
+    """`Layout` fields that split `num_layers` over PP x VPP: () when PP x VPP divides them;
+    otherwise, of `uneven_split`'s first/last split and Megatron-Core's splits with the embedding
+    and/or the loss counted as layers (`account_for_*_in_pipeline_split`: 126 + 2 layers on
+    PP8 x VPP8), the one whose busiest stage is lightest, then with first and last stage closest,
+    then the lighter last stage (ties: the first/last split); None when there is none."""
+    if num_layers % (pp * (vpp or 1)) == 0:
+        return ()
+    options = []
+    first, last = uneven_split(num_layers, pp, vpp)
+    if (first, last) != (None, None):
+        options.append((("first_stage_layers", first), ("last_stage_layers", last)))
+    for flags in ((True, True), (True, False), (False, True)):
+        options.append(tuple(zip(ACCOUNT_KEYS, flags)))
+    best, key = None, None
+    for fields in options:
+        try:
+            split = schema_split(num_layers, ParallelConfig(pp=pp, vpp=vpp, **dict(fields)))
+        except ValueError:
+            continue
+        k = (max(split), abs(split[0] - split[-1]), split[-1])
+        if key is None or k < key:
+            best, key = fields, k
+    return best
+
+
 def _pipelines(num_layers: int, pp: int, max_vpp: int) -> list[tuple[int | None, tuple]]:
-    """(vpp, (first, last)) pipeline shapes tried for `pp`: where PP divides the layers, plain
-    1F1B and every VPP dividing each stage's layers, all even; where it does not, the uneven
-    split of `uneven_split` at each VPP that has one (plain 1F1B kept, to be rejected, if none)."""
+    """(vpp, split fields) pipeline shapes tried for `pp`: where PP divides the layers, plain
+    1F1B and every VPP dividing each stage's layers, all even; where it does not, the split of
+    `split_fields` at each VPP that has one (plain 1F1B kept, to be rejected, if none)."""
     if pp == 1:
-        return [(None, (None, None))]
+        return [(None, ())]
     if num_layers % pp == 0:
         vpps = [v for v in _divisors(num_layers // pp, max_vpp) if v > 1]
-        return [(v, (None, None)) for v in (None, *vpps)]
-    out = [(v, uneven_split(num_layers, pp, v)) for v in (None, *range(2, max_vpp + 1))]
-    out = [(v, split) for v, split in out if split != (None, None)]
-    return out or [(None, (None, None))]
+        return [(v, ()) for v in (None, *vpps)]
+    out = [(v, split_fields(num_layers, pp, v)) for v in (None, *range(2, max_vpp + 1))]
+    out = [(v, fields) for v, fields in out if fields is not None]
+    return out or [(None, ())]
 
 
 def candidate_layouts(
@@ -253,7 +306,7 @@ def candidate_layouts(
 
     ETP is tried at TP and 1 (the two settings Megatron-LM MoE recipes use), EP wherever ETP x EP
     x PP divides the GPUs; VPP up to `max_vpp` virtual stages, CP up to `max_cp`. A PP (x VPP)
-    that does not divide the layers gets the uneven first/last split of `uneven_split`.
+    that does not divide the layers gets the split of `split_fields`.
     """
     n = cluster.gpus
     experts = model.num_moe_experts or 1
@@ -262,7 +315,7 @@ def candidate_layouts(
         for pp in _divisors(n // tp, model.num_layers):
             for cp in _divisors(n // (tp * pp), max_cp):
                 dp = n // (tp * pp * cp)
-                for vpp, (first, last) in _pipelines(model.num_layers, pp, max_vpp):
+                for vpp, fields in _pipelines(model.num_layers, pp, max_vpp):
                     for ep in _divisors(experts, n // pp):
                         etps = sorted({tp, 1}) if model.is_moe and ep > 1 else [tp]
                         for etp in etps:
@@ -276,8 +329,7 @@ def candidate_layouts(
                                 ep=ep,
                                 etp=None if etp == tp else etp,
                                 cp=cp,
-                                first_stage_layers=first,
-                                last_stage_layers=last,
+                                **dict(fields),
                             )
                             out.append(layout)
     return out
@@ -318,6 +370,11 @@ def layout_from_overrides(items: list[str], gpus: int) -> Layout:
             continue
         if name not in keys or not value:
             raise ValueError(f"--layout {item!r}: expected parallel.{{{','.join(keys)}}}=N")
+        if name in ACCOUNT_KEYS:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--layout {item!r}: expected true or false")
+            keys[name] = value.lower() == "true"
+            continue
         keys[name] = None if value.lower() in ("none", "null") else int(value)
     mp = keys["tp"] * keys["pp"] * keys["cp"]
     if gpus % mp:

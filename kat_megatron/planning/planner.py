@@ -200,7 +200,8 @@ def evaluate(
     levels = RECOMPUTE if opts.recompute == "auto" else (opts.recompute,)
     # The first stage holds the most in-flight micro-batches, the last the logits; with a lighter
     # first stage the second (the most micro-batches of a full share) can be the largest.
-    stages = sorted({0, layout.pp - 1} | ({1} if layout.first_stage_layers else set()))
+    lighter_first = layout.first_stage_layers or layout.account_for_embedding_in_pipeline_split
+    stages = sorted({0, layout.pp - 1} | ({1} if lighter_first and layout.pp > 1 else set()))
     statics = {
         r: static_memory(
             model,

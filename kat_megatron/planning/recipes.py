@@ -25,6 +25,23 @@ LLAMA31_CFG = f"{MB} scripts/performance/configs/llama31/workload_base_configs.p
 QWEN3_CFG = f"{MB} scripts/performance/configs/qwen/qwen3_workload_base_configs.py @01b2977"
 QWEN3_CARD = f"{MB} docs/models/qwen/qwen3-30b-a3b.md @411ee45 (Benchmark · H100)"
 GPTOSS_CFG = f"{MB} scripts/performance/configs/gpt_oss/gpt_oss_workload_base_configs.py"
+LLAMA31_RECIPE = f"{MB} src/megatron/bridge/recipes/llama/llama3.py llama31_405b_pretrain_config"
+QWEN3_RECIPE = (
+    f"{MB} src/megatron/bridge/recipes/qwen/h100/qwen3_moe.py "
+    "qwen3_235b_a22b_pretrain_256gpu_h100_bf16_config @04eb4f8"
+)
+QWEN3_PERF = f"{MB} scripts/performance/configs/qwen/qwen3_llm_pretrain.py set_qwen3_common_configs"
+GPTOSS_PERF = f"{MB} scripts/performance/configs/gpt_oss/gpt_oss_llm_pretrain.py (common configs)"
+LLAMA3_SFT = (
+    f"{MB} scripts/performance/configs/llama/llama3_llm_finetune.py llama3_70b_sft_config_h100"
+)
+GRAD_BF16 = (
+    "ddp.grad_reduce_in_fp32 = False: the perf scripts' set_*_common_configs (llama3, llama31, "
+    "qwen3, gpt_oss), llama3_llm_finetune.py, and the Qwen3-30B-A3B 16-GPU recipe"
+)
+_EMB_LOSS = dict(
+    account_for_embedding_in_pipeline_split=True, account_for_loss_in_pipeline_split=True
+)
 
 _LLAMA = dict(
     preset=None,
@@ -116,9 +133,18 @@ class Recipe:
     recompute: str
     """kat's nearest setting to the recipe's (`none` where the recipe sets none)."""
     precision: str
+    """`BF16`, or `FP8-CS` (Megatron-Bridge's `bf16_with_fp8_current_scaling_mixed`: FP8 hybrid,
+    per-tensor current scaling, every layer in FP8): kat's `model.fp8=hybrid`,
+    `model.fp8_recipe=tensorwise` (`planning_model`)."""
     source: str
     published: Published = field(default_factory=Published)
     note: str = ""
+    grad_reduce_dtype: str = "bf16"
+    """Every recipe here sets `ddp.grad_reduce_in_fp32 = False` (the perf scripts' common
+    settings, and the Qwen3-30B-A3B 16-GPU recipe itself)."""
+    moe_load_factor: float = 1.2
+    """kat's default for dropless routing; 1.0 where the run forces balanced routing
+    (`moe_router_force_load_balancing = True`: random router logits, a benchmark setting)."""
 
     def options(self, recompute: str | None = None) -> PlanOptions:
         return PlanOptions(
@@ -128,7 +154,16 @@ class Recipe:
             micro_batch=self.micro_batch,
             recompute=recompute or self.recompute,
             overlap_grad_reduce=True,  # Megatron-Bridge's perf recipes overlap DP communication
+            grad_reduce_dtype=self.grad_reduce_dtype,
+            moe_load_factor=self.moe_load_factor,
         )
+
+    @property
+    def planning_model(self) -> ModelConfig:
+        """The model as kat would train it at this precision."""
+        if self.precision == "FP8-CS":
+            return replace(self.model, fp8="hybrid", fp8_recipe="tensorwise")
+        return self.model
 
     @property
     def tokens_per_step(self) -> int:
@@ -166,17 +201,17 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe(
         "Llama-3.1-405B pretrain",
         LLAMA31_405B,
-        Layout(tp=8, pp=8, vpp=8, cp=2, dp=8),
+        Layout(tp=8, pp=8, vpp=8, cp=2, dp=8, **_EMB_LOSS),
         1024,
         8192,
         512,
         1,
         "none",
         "FP8-CS",
-        f"{SUMMARY}; layout also {LLAMA31_CFG} H100_BF16_V1 / FP8_CS_V1",
+        f"{SUMMARY}; layout also {LLAMA31_CFG} H100_BF16_V1 / FP8_CS_V1; embedding and loss "
+        f"as pipeline layers: {LLAMA31_RECIPE}",
         Published(tokens_per_s_gpu=292, tflops_per_gpu=737),
-        "126 layers on PP8 x VPP8: Megatron-Bridge's recipe splits them unevenly; kat uses its own "
-        "uneven split (stage counts multiples of VPP)",
+        "126 + 2 = 128 = 8 x 8 x 2: the embedding and the loss count as pipeline layers",
     ),
     Recipe(
         "Qwen3-30B-A3B pretrain",
@@ -198,16 +233,18 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe(
         "Qwen3-235B-A22B pretrain",
         QWEN3_235B_A22B,
-        Layout(tp=2, pp=8, vpp=4, ep=32, etp=1, dp=16),
+        Layout(tp=2, pp=8, vpp=4, ep=32, etp=1, dp=16, **_EMB_LOSS),
         256,
         4096,
         2048,
         1,
         "none",
         "FP8-CS",
-        f"{SUMMARY} (row lacks its GBS); GBS and layout {QWEN3_CFG} H100_FP8_CS_V1",
+        f"{SUMMARY} (row lacks its GBS); GBS and layout {QWEN3_CFG} H100_FP8_CS_V1; embedding "
+        f"and loss as pipeline layers, forced load balancing: {QWEN3_RECIPE}, {QWEN3_PERF}",
         Published(tokens_per_s_gpu=1575, tflops_per_gpu=233),
-        "94 layers on PP8 x VPP4 do not divide: kat uses its own uneven split",
+        "94 + 2 = 96 = 8 x 4 x 3: the embedding and the loss count as pipeline layers",
+        moe_load_factor=1.0,
     ),
     Recipe(
         "GPT-OSS-120B pretrain",
@@ -216,12 +253,16 @@ RECIPES: tuple[Recipe, ...] = (
         64,
         4096,
         512,
-        4,
+        1,
         "selective",
         "BF16",
-        f"{SUMMARY}; layout also {GPTOSS_CFG} H100_BF16_V1 (recompute_modules layernorm, moe_act)",
+        f"{SUMMARY}; layout and MBS {GPTOSS_CFG} @1e7adfa H100_BF16_V1 (BASE micro_batch_size=1, "
+        f"recompute_modules layernorm, moe_act); forced load balancing: {GPTOSS_PERF}",
         Published(tokens_per_s_gpu=5630, tflops_per_gpu=153),
-        "recipe recomputes layernorm + moe_act; kat's nearest is selective (core_attn + moe_act)",
+        "recipe recomputes layernorm + moe_act; kat's nearest is selective (core_attn + moe_act); "
+        "the summary's row says MBS 4 and GA 2, which PP4 on 64 GPUs cannot both have (GBS 512 / "
+        "(4 x DP16) = 8): the workload config's MBS 1 is used",
+        moe_load_factor=1.0,
     ),
     Recipe(
         "Llama-3-70B SFT",
@@ -233,7 +274,8 @@ RECIPES: tuple[Recipe, ...] = (
         1,
         "none",
         "BF16",
-        f"{LLAMA3_CFG} _LLAMA3_70B_SFT_CONFIG_H100 (sequence length: kat's assumption, 4096)",
+        f"{LLAMA3_CFG} _LLAMA3_70B_SFT_CONFIG_H100; sequence length 4096 (packed) and bf16 "
+        f"gradient reduction: {LLAMA3_SFT}",
         Published(),
         "no throughput or peak memory published for this recipe in the sources read",
     ),
@@ -269,37 +311,38 @@ class RecipeRow:
 
 
 def _same(a: Layout, b: Layout) -> bool:
-    """Equal up to the uneven split kat chooses for layers PP x VPP do not divide."""
+    """Equal sizes (TP, PP, DP, VPP, EP, ETP, CP), whichever pipeline split each uses."""
     key = ("tp", "pp", "dp", "vpp", "ep", "cp")
     return all(getattr(a, k) == getattr(b, k) for k in key) and a.etp_size == b.etp_size
 
 
 def _with_split(model: ModelConfig, lay: Layout) -> Layout:
-    """`lay` with kat's uneven split where PP x VPP does not divide the layers."""
-    from kat_megatron.planning.layout import uneven_split
+    """`lay`, or where it states no split and PP x VPP does not divide the layers, with kat's
+    (`layout.split_fields`)."""
+    from kat_megatron.planning.layout import split_fields
 
-    if model.num_layers % (lay.pp * lay.chunks) == 0:
+    if lay.uneven or lay.accounted:
         return lay
-    first, last = uneven_split(model.num_layers, lay.pp, lay.vpp)
-    return replace(lay, first_stage_layers=first, last_stage_layers=last)
+    fields = split_fields(model.num_layers, lay.pp, lay.vpp)
+    return replace(lay, **dict(fields or ()))
 
 
 def assess(recipe: Recipe) -> RecipeRow:
     """kat's verdict on one published recipe."""
-    opts = recipe.options()
-    lay = _with_split(recipe.model, recipe.layout)
-    why = check_layout(recipe.model, lay, opts.cluster, opts.batch)
+    opts, model = recipe.options(), recipe.planning_model
+    lay = _with_split(model, recipe.layout)
+    why = check_layout(model, lay, opts.cluster, opts.batch)
     stand_in = None
     if why:  # evaluate the nearest layout kat can express, and say so
         for v in range(recipe.layout.chunks - 1, 0, -1):
-            cand = _with_split(recipe.model, replace(recipe.layout, vpp=v if v > 1 else None))
-            if check_layout(recipe.model, cand, opts.cluster, opts.batch) is None:
+            cand = _with_split(model, replace(recipe.layout, vpp=v if v > 1 else None))
+            if check_layout(model, cand, opts.cluster, opts.batch) is None:
                 stand_in = lay = cand
                 break
         else:
             return RecipeRow(recipe, why, None, None, 0)
-    own = evaluate(recipe.model, lay, opts)
-    fits = plan(recipe.model, recipe.options("auto")).fitting
+    own = evaluate(model, lay, opts)
+    fits = plan(model, recipe.options("auto")).fitting
     rank = next((i + 1 for i, p in enumerate(fits) if _same(p.layout, lay)), None)
     return RecipeRow(recipe, why, own, rank, len(fits), stand_in)
 

@@ -104,7 +104,7 @@ def _header(result: PlanResult) -> list[str]:
         f"{o.backend} attention, reserve {o.reserve_gb:g} GiB, fragmentation "
         f"{o.fragmentation:.0%} of activations, dropless MoE with load factor "
         f"{o.moe_load_factor:g}; step time: matmul efficiency by GEMM shape (peak "
-        f"{o.hardware.mfu:g}), TP/EP communication exposed, DP "
+        f"{o.hardware.mfu:g}), TP forward exposed / backward overlapped, EP exposed, DP "
         f"{'overlapped' if o.overlap_grad_reduce else 'exposed'}",
         f"layouts: {len(result.plans) + len(result.rejected)} candidates, "
         f"{len(result.rejected)} invalid, {len(result.plans)} valid, "

@@ -55,6 +55,10 @@ class StaticMemory:
     dense_buffer_numel: int = 0
     expert_buffer_numel: int = 0
     """Elements of the DDP buffers (padded), reduced over DP x CP and expert-DP respectively."""
+    fp8_weight_bytes: int = 0
+    """`model.fp8`: Transformer Engine's FP8 copies of the linear weights, cached for the whole
+    step (Megatron-Core passes `is_first_microbatch`): the FP8 weight and, on Hopper, its FP8
+    transpose for the backward GEMMs, 2 bytes per element beside the bf16 parameter."""
 
     @property
     def optimizer_bytes(self) -> int:
@@ -62,7 +66,7 @@ class StaticMemory:
 
     @property
     def total_bytes(self) -> int:
-        return self.params_bytes + self.grad_bytes + self.optimizer_bytes
+        return self.params_bytes + self.grad_bytes + self.optimizer_bytes + self.fp8_weight_bytes
 
     def __add__(self, other: StaticMemory) -> StaticMemory:
         return StaticMemory(
@@ -195,6 +199,18 @@ def _split(chunk: list[Group]) -> tuple[list[Group], list[Group]]:
     return dense, experts
 
 
+FP8_LINEARS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+"""Weights of the layers Transformer Engine runs in FP8 (decoder and MTP layers; the router,
+the embedding and the output layer stay in bf16; MTP's `eh_proj` is left out, one h x 2h)."""
+FP8_WEIGHT_BYTES = 2  # FP8 data + FP8 transpose (Hopper has no non-TN FP8 GEMM)
+
+
+def _fp8_numel(chunk: list[Group]) -> int:
+    return sum(
+        g.count * sum(p.numel for p in g.params if p.name.endswith(FP8_LINEARS)) for g in chunk
+    )
+
+
 def static_memory(
     model: ModelConfig,
     layout: Layout,
@@ -232,4 +248,6 @@ def static_memory(
             expert=True,
             grad_bytes=grad_bytes,
         )
+        if model.fp8 is not None:
+            total.fp8_weight_bytes += FP8_WEIGHT_BYTES * _fp8_numel(chunk)
     return total

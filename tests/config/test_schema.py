@@ -162,6 +162,89 @@ def test_uneven_pipeline_agrees_with_megatron_core_config():
                     assert ours == theirs, (layers, pp, vpp, first, last)
 
 
+_ACCOUNT = ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
+
+
+def test_embedding_and_loss_in_split_agree_with_megatron_core_config():
+    """`pipeline_split` with the embedding and/or the loss counted as layers is valid exactly when
+    Megatron-Core's TransformerConfig accepts it, and gives the layers its ranks build."""
+    import torch
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for layers in range(2, 15):
+        for pp, vpp in ((2, None), (3, None), (4, None), (2, 2), (3, 2), (2, 3)):
+            for emb, loss in ((True, True), (True, False), (False, True)):
+                flags = dict(zip(_ACCOUNT, (emb, loss)))
+                par = ParallelConfig(pp=pp, vpp=vpp, **flags)
+                try:
+                    split = pipeline_split(layers, par)
+                except ValueError:
+                    split = None
+                try:
+                    config = TransformerConfig(
+                        num_layers=layers, hidden_size=8, num_attention_heads=2,
+                        pipeline_model_parallel_size=pp,
+                        virtual_pipeline_model_parallel_size=vpp,
+                        pipeline_dtype=torch.float32, **flags,
+                    )  # fmt: skip
+                except ValueError:
+                    config = None
+                assert (split is None) == (config is None), (layers, pp, vpp, emb, loss)
+                if config is None:
+                    continue
+                built = [
+                    sum(
+                        get_num_layers_to_build(config, vp_stage=v if vpp else None, pp_rank=r)
+                        for v in range(vpp or 1)
+                    )
+                    for r in range(pp)
+                ]
+                assert built == split, (layers, pp, vpp, emb, loss)
+
+
+def test_embedding_and_loss_in_split_reach_the_model_config():
+    """kat's TransformerConfig carries the options, and a tiny model's two stages build the
+    layers they imply: 5 layers + the embedding on PP2 is 3 + 3 slots, i.e. 2 + 3 layers."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from kat_megatron.config.presets import get_preset
+    from kat_megatron.models.builder import transformer_config
+
+    model = ModelConfig(**{**get_preset("tiny-dense"), "num_layers": 5})
+    for flag, expect in ((_ACCOUNT[0], [(0, 2), (2, 3)]), (_ACCOUNT[1], [(0, 3), (3, 2)])):
+        par = ParallelConfig(pp=2, **{flag: True})
+        config = transformer_config(model, par, precision="fp32")
+        assert getattr(config, flag) and not getattr(config, next(a for a in _ACCOUNT if a != flag))
+        got = [
+            (
+                get_transformer_layer_offset(config, pp_rank=r),
+                get_num_layers_to_build(config, pp_rank=r),
+            )
+            for r in range(2)
+        ]
+        assert got == expect, flag
+        assert [n for _, n in got] == pipeline_split(5, par)
+
+
+def test_embedding_and_loss_in_split_rules():
+    with pytest.raises(
+        ValueError, match="account_for_loss_in_pipeline_split needs parallel.pp > 1"
+    ):
+        ParallelConfig(account_for_loss_in_pipeline_split=True)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ParallelConfig(pp=2, first_stage_layers=2, account_for_embedding_in_pipeline_split=True)
+    with pytest.raises(ValueError, match="expected true or false"):
+        ParallelConfig(pp=2, account_for_embedding_in_pipeline_split=1)
+    msg = _layout_error(ModelConfig(num_layers=126), ParallelConfig(pp=8, vpp=8))
+    assert "does not divide model.num_layers=126" in msg
+    both = dict(zip(_ACCOUNT, (True, True)))
+    assert pipeline_split(126, ParallelConfig(pp=8, vpp=8, **both)) == [15] + [16] * 6 + [15]
+    emb_only = ParallelConfig(pp=8, account_for_embedding_in_pipeline_split=True)
+    assert "model.num_layers=126 + 1" in _layout_error(ModelConfig(num_layers=126), emb_only)
+
+
 def test_stage_layers_need_pp():
     with pytest.raises(ValueError, match="parallel.first_stage_layers needs parallel.pp > 1"):
         ParallelConfig(first_stage_layers=2)

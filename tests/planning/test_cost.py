@@ -35,11 +35,17 @@ def test_layer_efficiency_falls_with_smaller_per_gpu_shapes():
 
 
 def test_alltoall_across_nodes_sends_the_remote_share_over_infiniband():
+    """Of the 15 peers of an EP16 group on two nodes, 8 are on the other node: 8/15 of the bytes
+    cross InfiniBand while 7/15 move over NVLink at the same time (the slower sets the time)."""
     hw = Hardware()
-    inside = _alltoall_s(1e9, 8, 8, hw)
-    assert inside == pytest.approx(1e9 / (hw.nvlink_gbs * 1e9))
-    two_nodes = _alltoall_s(1e9, 16, 8, hw)
-    assert two_nodes == pytest.approx(0.5e9 / (hw.ib_gbs * 1e9) + 0.5e9 / (hw.nvlink_gbs * 1e9))
+    nvl, ib = hw.nvlink_gbs * 1e9, hw.ib_gbs * 1e9
+    assert _alltoall_s(1e9, 8, 1, 8, hw) == pytest.approx(1e9 / nvl)
+    assert _alltoall_s(1e9, 16, 1, 8, hw) == pytest.approx(
+        max(8 / 15 * 1e9 / ib, 7 / 15 * 1e9 / nvl)
+    )
+    # EP4 strided by ETP4 over 16 ranks: two members per node, two of the three peers remote
+    assert _alltoall_s(1e9, 4, 4, 8, hw) == pytest.approx(2 / 3 * 1e9 / ib)
+    assert _alltoall_s(1e9, 1, 1, 8, hw) == 0.0
 
 
 def test_bubble_uses_the_layouts_micro_batch_count():
@@ -60,3 +66,56 @@ def test_dp_overlap_hides_communication_but_not_all_of_it():
     no_dp = off.cost.dp_bytes / (Hardware().ib_gbs * 1e9)  # DP group spans nodes
     hidden = off.cost.step_s - on.cost.step_s
     assert hidden == pytest.approx(no_dp * (1 - 1 / Hardware().dp_buckets), rel=1e-6)
+
+
+def _bf16_grads(**kw) -> PlanOptions:
+    return PlanOptions(grad_reduce_dtype="bf16", **kw)
+
+
+def test_bubble_idles_the_whole_micro_batch_critical_path():
+    """(pp - 1) / (m vpp) of everything a micro-batch waits for on the stage: compute, launch
+    overhead and the exposed TP / EP / CP / PP communication (DP, once per step, excluded)."""
+    lay = Layout(tp=4, pp=4, vpp=5, cp=2, dp=2)
+    p = evaluate(LLAMA3_70B, lay, PlanOptions(gpus=64, seq_len=8192, global_batch=128))
+    parts = p.cost.parts
+    path = sum(v for k, v in parts.items() if k not in ("bubble", "dp"))
+    assert parts["bubble"] == pytest.approx(p.cost.bubble * path)
+    assert p.cost.step_s == pytest.approx(path * (1 + p.cost.bubble) + parts["dp"])
+
+
+def test_tp_backward_regather_and_reduce_scatter_hide_behind_gemms():
+    """Per block and micro-batch with SP: forward all-gather + reduce-scatter and backward
+    output-gradient all-gather are exposed (3); the backward's input re-gather and gradient
+    reduce-scatter run behind the dgrad / wgrad GEMMs (2 more, counted in the bytes)."""
+    lay = Layout(tp=8, dp=8)
+    opts = PlanOptions(gpus=64, seq_len=8192, global_batch=128, recompute="none")
+    p = evaluate(LLAMA3_70B, lay, opts)
+    m, layers, h = 128 // 8, LLAMA3_70B.num_layers, LLAMA3_70B.hidden_size
+    one = 8192 * h * 2 * 7 / 8  # one all-gather / reduce-scatter of T x h, bf16, per GPU
+    assert p.cost.tp_bytes == pytest.approx(m * layers * 2 * 5 * one)
+    assert p.cost.parts["tp"] == pytest.approx(
+        m * layers * 2 * 3 * one / (Hardware().nvlink_gbs * 1e9)
+    )
+
+
+def test_full_recompute_reruns_the_forward_alltoalls():
+    lay = Layout(tp=1, ep=16, etp=1, dp=16)
+    base = dict(gpus=16, seq_len=4096, global_batch=1024)
+    none = evaluate(QWEN3_30B_A3B, lay, _bf16_grads(recompute="none", **base))
+    full = evaluate(QWEN3_30B_A3B, lay, _bf16_grads(recompute="full", **base))
+    assert full.cost.ep_bytes == pytest.approx(1.5 * none.cost.ep_bytes)
+
+
+def test_expert_gemm_gets_the_tokens_of_its_ep_group():
+    """An expert's GEMM runs over T' x ETP x EP x k / E tokens (T' = T / TP under SP): with TP2,
+    ETP1 halves what an expert receives compared with ETP2."""
+    from kat_megatron.planning.cost import _layer_parts
+    from kat_megatron.planning.recipes import GPT_OSS_120B
+
+    opts = PlanOptions(gpus=64, seq_len=4096).activation_options("none")
+    m = GPT_OSS_120B
+    k, e = m.moe_router_topk, m.num_moe_experts
+    for etp, width in ((1, m.moe_ffn_hidden_size), (2, m.moe_ffn_hidden_size / 2)):
+        parts, _ = _layer_parts(m, Layout(tp=2, ep=8, etp=etp, dp=32), opts, True)
+        tokens = 4096 / 2 * etp * 8 * k / e
+        assert parts[2][1] == min(tokens, m.hidden_size, width)

@@ -68,6 +68,9 @@ def _pipeline_ok(layers: int, lay: Layout) -> bool:
     """Megatron-Core 0.16.1's split rules (TransformerConfig.__post_init__), written out again."""
     v = lay.vpp or 1
     given = [n for n in (lay.first_stage_layers, lay.last_stage_layers) if n is not None]
+    extra = lay.account_for_embedding_in_pipeline_split + lay.account_for_loss_in_pipeline_split
+    if extra:  # the embedding and/or loss count as layers; no first/last counts with them
+        return not given and (layers + extra) % (lay.pp * v) == 0
     if not given:
         return layers % (lay.pp * v) == 0
     middle, stages = layers - sum(given), lay.pp - len(given)
@@ -220,14 +223,24 @@ def test_experts_may_spread_over_tensor_parallel_ranks():
     assert lay in valid
 
 
+_EMB, _LOSS = "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"
+
+
 @pytest.mark.parametrize(
-    "layers,pp,vpp,first,last",
-    [(4, 2, None, None, None), (5, 2, None, 2, None), (5, 2, None, None, 2), (10, 4, None, 2, 2),
-     (12, 3, 2, 2, 2), (14, 4, 2, None, 2), (7, 3, None, 3, None), (16, 4, 2, None, None)],
+    "layers,pp,vpp,first,last,flags",
+    [(4, 2, None, None, None, {}), (5, 2, None, 2, None, {}), (5, 2, None, None, 2, {}),
+     (10, 4, None, 2, 2, {}), (12, 3, 2, 2, 2, {}), (14, 4, 2, None, 2, {}),
+     (7, 3, None, 3, None, {}), (16, 4, 2, None, None, {}),
+     (6, 2, None, None, None, {_EMB: True, _LOSS: True}), (5, 2, None, None, None, {_EMB: True}),
+     (7, 2, 2, None, None, {_LOSS: True}), (14, 4, 2, None, None, {_EMB: True, _LOSS: True}),
+     (126, 8, 8, None, None, {_EMB: True, _LOSS: True}),
+     (94, 8, 4, None, None, {_EMB: True, _LOSS: True})],
 )  # fmt: skip
-def test_chunk_layers_match_megatron_core(layers, pp, vpp, first, last):
+def test_chunk_layers_match_megatron_core(layers, pp, vpp, first, last, flags):
     """Our layer ranges per (pipeline rank, virtual stage) are Megatron-Core's own
-    (`get_num_layers_to_build`, `get_transformer_layer_offset`, which models/specs.py uses)."""
+    (`get_num_layers_to_build`, `get_transformer_layer_offset`, which models/specs.py uses),
+    with the embedding and/or loss counted as layers too (Llama-3.1-405B's 126 layers on
+    PP8 x VPP8, Qwen3-235B's 94 on PP8 x VPP4: Megatron-Bridge's recipes)."""
     import torch
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -239,10 +252,10 @@ def test_chunk_layers_match_megatron_core(layers, pp, vpp, first, last):
         num_layers=layers, hidden_size=8, num_attention_heads=2,
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
         num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
-        pipeline_dtype=torch.float32,
+        pipeline_dtype=torch.float32, **flags,
     )  # fmt: skip
     model = ModelConfig(num_layers=layers)
-    lay = Layout(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+    lay = Layout(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, **flags)
     seen = []
     for r in range(pp):
         for vp in range(vpp or 1):
@@ -262,6 +275,36 @@ def test_uneven_split_candidates():
     assert uneven_split(80, 16, None) == (None, None) or 80 % 16 == 0
     first, last = uneven_split(61, 16, None)
     assert (first or 4) + (last or 4) + 14 * 4 == 61
+
+
+def test_split_fields_counts_embedding_and_loss_where_first_last_cannot():
+    from kat_megatron.planning.layout import split_fields
+
+    assert split_fields(80, 8, 5) == ()  # even
+    # 126 on PP8: first/last (15, 15) gives the same stages as counting embedding and loss
+    assert dict(split_fields(126, 8, None)) == {"first_stage_layers": 15, "last_stage_layers": 15}
+    # with VPP8 only Megatron-Core's embedding + loss accounting splits them (128 = 8 x 8 x 2)
+    assert dict(split_fields(126, 8, 8)) == {_EMB: True, _LOSS: True}
+    assert dict(split_fields(94, 8, 4)) == {_EMB: True, _LOSS: True}  # 96 = 8 x 4 x 3
+    assert split_fields(95, 8, 8) is None
+    lay = Layout(tp=8, pp=8, vpp=8, cp=2, dp=8, **dict(split_fields(126, 8, 8)))
+    assert lay.label() == "TP8 PP8(emb,loss) VPP8 EP1 CP2 DP8"
+    assert layout_from_overrides(lay.overrides(), 1024) == lay
+    cfg = load_config(None, ["model.preset=kat-v1-40b", "model.num_layers=126", *lay.overrides()])
+    assert cfg.parallel.account_for_embedding_in_pipeline_split
+
+
+def test_embedding_in_split_lightens_the_first_stage():
+    """94 layers + embedding + loss on PP8: 11 + 6 x 12 + 11 decoder layers; the plan evaluates the
+    second stage too, which holds a full share."""
+    m = ModelConfig(**{**get_preset("kat-v1-40b"), "num_layers": 94})
+    lay = Layout(tp=8, pp=8, dp=1, **{_EMB: True, _LOSS: True})
+    assert check_layout(m, lay, Cluster(64), Batch(8192, 64)) is None
+    p = evaluate(m, lay, PlanOptions(gpus=64, global_batch=64))
+    assert sorted(p.stage_totals) == [0, 1, 7]
+    uneven = Layout(tp=8, pp=8, dp=1, first_stage_layers=11, last_stage_layers=11)
+    q = evaluate(m, uneven, PlanOptions(gpus=64, global_batch=64))
+    assert p.stage_totals == pytest.approx(q.stage_totals)  # the same stages, so the same memory
 
 
 def test_uneven_layout_is_evaluated_per_stage():

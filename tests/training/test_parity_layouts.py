@@ -3,6 +3,9 @@
 
 - tiny-dense (4 layers) on PP=2 with uneven stages, `parallel.first_stage_layers=1` (the last
   stage builds the other 3: Megatron-Core's `num_layers_in_first_pipeline_stage`);
+- tiny-dense at 5 layers on PP=2 with the embedding counted as a pipeline layer
+  (`parallel.account_for_embedding_in_pipeline_split`: 6 slots, 3 + 3, so the first stage builds
+  2 layers and the last 3, where no even split of 5 exists);
 - tiny-moe on TP=2 x EP=2 with ETP=1 on two ranks: DP = 1, so EP does not divide DP x CP, but
   ETP x EP x PP = 2 divides the world (Megatron-Core 0.16.1's rule): the experts spread over
   the tensor-parallel ranks.
@@ -31,6 +34,11 @@ CASES = {
         ["model.preset=tiny-dense"],
         ["parallel.pp=2", "parallel.first_stage_layers=1"],
         "TP1 PP2(1,=) EP1 CP1 DP1",
+    ),
+    "dense_pp2_emb": (
+        ["model.preset=tiny-dense", "model.num_layers=5"],
+        ["parallel.pp=2", "parallel.account_for_embedding_in_pipeline_split=true"],
+        "TP1 PP2(emb,=) EP1 CP1 DP1",
     ),
     "moe_tp2_ep2_etp1_dp1": (
         ["model.preset=tiny-moe"],
