@@ -8,8 +8,10 @@ Needs a finished `kat demo` in OUT (its `student_sft` checkpoint, `data/prompts.
   no_rl      the SFT checkpoint itself
 For every seed S, the RL arms train with `training.seed = base + 1000 * S` and every arm is
 evaluated (`kat eval --mode all`) with eval seed `1000 * S` (the no_rl arm's spread is the eval
-sampling's alone: zero when eval decodes greedily). Runs go to `OUT/ablation/ARM_sS/`, evals to
-`OUT/ablation/eval/ARM_sS/`; every run is a resumable step (`OUT/ablation/.done/`).
+sampling's alone: zero when eval decodes greedily; for S = the demo's --seed, the demo's
+`eval/student_sft` is that very evaluation and is copied, not rerun). Runs go to
+`OUT/ablation/ARM_sS/`, evals to `OUT/ablation/eval/ARM_sS/`; every run is a resumable step
+(`OUT/ablation/.done/`).
 
 Reported (`OUT/ablation/ablation.json`, `ablation.md`), per arm and category (and overall):
 auto accuracy, auto mean output tokens, auto think-on rate and auto's agreement with the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,10 +163,17 @@ def run_ablation(demo: Demo, seeds: Sequence[int]) -> Path:
             ckpts[(arm, seed)] = latest(run)
         ckpts[("no_rl", seed)] = sft
     results: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    own = demo.out / "eval" / "student_sft" / "eval.json"
     for (arm, seed), ckpt in ckpts.items():
         dest = out / "eval" / f"{arm}_s{seed}"
 
         def evaluate(ckpt=ckpt, dest=dest, seed=seed) -> None:
+            if ckpt == sft and SEED_STRIDE * seed == demo.stage_seed(0) and own.is_file():
+                # The demo ran this very command (same checkpoint, data, flags and seed).
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(own.parent, dest, dirs_exist_ok=True)
+                demo.r.echo(f"    {dest}: the demo's own SFT eval ({own.parent}), reused")
+                return
             r.kat(
                 "eval", "--ckpt", str(ckpt), "--data", str(demo.data / "eval.jsonl"),
                 "--mode", "all", "--samples", str(demo.s.eval_samples), "--out", str(dest),

@@ -83,7 +83,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert text.count("done earlier") == 9 and "[5/5] eval_no_rl_s0: finished" in text
     agg = json.loads((out / "ablation" / "ablation.json").read_text())
     assert agg["seeds"] == {"step_srpo": [0], "grpo": [0], "no_rl": [0]}
-    # no_rl is the SFT checkpoint evaluated with the demo's eval seed: the demo's SFT figures.
+    # no_rl is the SFT checkpoint evaluated with the demo's eval seed: the demo's own SFT eval,
+    # copied rather than rerun.
+    assert "the demo's own SFT eval" in text
     sft = json.loads((out / "eval" / "student_sft" / "eval.json").read_text())["summary"]["auto"]
     for cat, row in agg["arms"]["no_rl"].items():
         assert row["accuracy"]["mean"] == sft[cat]["accuracy"]
