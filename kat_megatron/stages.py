@@ -26,6 +26,12 @@ def _no_check(cfg: KatConfig) -> None:
     """Nothing beyond what the config sections check."""
 
 
+def _check_pretrain(cfg: KatConfig) -> None:
+    from kat_megatron.training.datasets import pretrain_packing
+
+    pretrain_packing(cfg)
+
+
 def _check_sft(cfg: KatConfig) -> None:
     from kat_megatron.training.datasets import sft_packing
 
@@ -45,9 +51,10 @@ def _check_rl(cfg: KatConfig) -> None:
 
 
 def _pretrain_trainer(cfg: KatConfig):
+    from kat_megatron.training.datasets import pretrain_stage_datasets
     from kat_megatron.training.loop import Trainer
 
-    return Trainer(cfg)
+    return Trainer(cfg, build_datasets=pretrain_stage_datasets)
 
 
 def _sft_trainer(cfg: KatConfig):
@@ -85,7 +92,10 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("pretrain", "next-token LM on Megatron indexed data", _pretrain_trainer),
+        Stage(
+            "pretrain", "next-token LM on Megatron indexed data", _pretrain_trainer,
+            _check_pretrain,
+        ),  # fmt: skip
         Stage("kd", "MTP-enhanced knowledge distillation", _kd_trainer, _check_kd),
         Stage("sft", "supervised fine-tuning on packed chat rows", _sft_trainer, _check_sft),
         Stage("rl", "Step-SRPO / GRPO on the colocated rollout engine", _rl_trainer, _check_rl),

@@ -376,7 +376,10 @@ class DataConfig:
     """Stage sft: feed the packed chat rows as THD rows (`PackedSeqParams`, attention per
     document, no [s, s] mask; docs/attention.md) instead of a dense block-causal mask. None: on
     where the attention honours it (model.attention=sdpa, or Transformer Engine), off with
-    model.attention=unfused (true there is an error)."""
+    model.attention=unfused (true there is an error). Stage pretrain: true attends per
+    EOD-separated document with positions restarting per document (THD rows); None or false
+    attend across the documents of a sample, as Megatron-LM pretrains by default. Stage kd has
+    its own switch, `kd.packing`."""
 
     def __post_init__(self) -> None:
         _positive("data", "seq_length", self.seq_length)

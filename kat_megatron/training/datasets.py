@@ -1,5 +1,7 @@
-"""The datasets of the LM stages: `pretrain_datasets(cfg, run_dir)` (stages pretrain and kd) and
-`sft_datasets(cfg, run_dir)` (stage sft), each `(train, valid, test)` for `training.loop.Trainer`.
+"""The datasets of the LM stages: `pretrain_datasets(cfg, run_dir)` (stages pretrain and kd),
+`pretrain_stage_datasets` (stage pretrain: with `data.packing=true` each sample's EOD-joined
+documents become THD documents, `EodDocuments`) and `sft_datasets(cfg, run_dir)` (stage sft),
+each `(train, valid, test)` for `training.loop.Trainer`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,52 @@ def pretrain_datasets(cfg: KatConfig, run_dir: Path):
         cfg.data, cfg.data.seq_length, t.seed, num_samples, cache_dir=cache,
         create_attention_mask=False,
     )  # fmt: skip
+
+
+def pretrain_packing(cfg: KatConfig) -> bool:
+    """Whether stage pretrain attends per document (`data.packing=true`; None or false: across
+    the documents of a sample, Megatron-LM's default); a one-line ValueError when the attention
+    cannot honour THD params."""
+    from kat_megatron.models.packed_seq import packing_enabled
+
+    return bool(cfg.data.packing) and packing_enabled(True, cfg.model, "data.packing")
+
+
+class EodDocuments:
+    """A GPT dataset whose samples carry `cu_seqlens`: each EOD ends a document (the EOD belongs
+    to it, as `models.packed_seq.eod_rows` counts) and the sample's end ends one, so
+    `training.batches.collate` turns a micro-batch into one THD row with attention per document
+    and positions restarting at 0 (`thd` tells the loop). Labels and the loss mask are the
+    dataset's: the EOD's label is the next document's first token, as without packing."""
+
+    thd = True
+
+    def __init__(self, dataset, eod_id: int) -> None:
+        self.dataset, self.eod_id = dataset, int(eod_id)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        import numpy as np
+
+        sample = dict(self.dataset[index])
+        tokens = np.asarray(sample["tokens"])
+        ends = (np.flatnonzero(tokens == self.eod_id) + 1).tolist()
+        if not ends or ends[-1] != len(tokens):
+            ends.append(len(tokens))
+        sample["cu_seqlens"] = [0, *ends]
+        return sample
+
+
+def pretrain_stage_datasets(cfg: KatConfig, run_dir: Path):
+    """Stage pretrain's datasets: `pretrain_datasets`, each wrapped in `EodDocuments` with
+    `data.packing=true`."""
+    datasets = pretrain_datasets(cfg, run_dir)
+    if not pretrain_packing(cfg):
+        return datasets
+    eod = next(d for d in datasets if d is not None).config.tokenizer.eod
+    return tuple(None if d is None else EodDocuments(d, eod) for d in datasets)
 
 
 def sft_packing(cfg: KatConfig) -> bool:
