@@ -307,6 +307,48 @@ def test_prefill_sampling_and_cli_errors(server, tmp_path, capsys):
     assert "unknown key 'samples_per_mode'" in capsys.readouterr().err
 
 
+def test_prefill_with_the_models_own_judge(server, tmp_path):
+    """`prefill_judge: null`: sample i asks for the model's judge first (stopped at </judge>,
+    the same request for both modes) and forces each mode after it. The scripted model is right
+    after its own judge only (the demo teacher's failure after a fixed text it never wrote):
+    both modes pass with its judge, where the fixed prefill makes them fail."""
+    own = "Steps help here."
+    bodies = []
+
+    def autothink(path, body):
+        bodies.append(body)
+        prompt = body["prompt"]
+        if prompt.endswith("<judge>\n"):
+            return f"{own}\n</judge>\n\n<think_on>"  # the server would stop at </judge>
+        good = f"<judge>\n{own}\n</judge>" in prompt
+        ans = "\\boxed{391}" if good else "\\boxed{1}"
+        if prompt.endswith("<think>\n"):
+            return f"Working.\n</think>\n\n<answer>\n{ans}\n</answer>"
+        return f"{ans}\n</answer>"
+
+    server.script = autothink
+    inp = tmp_path / "q.jsonl"
+    inp.write_text(json.dumps({"query": "Compute 17 * 23.", "reference": "391"}) + "\n")
+    for judge, expect in ((None, (1.0, 1.0)), ("I will decide how to answer this query.", (0, 0))):
+        bodies.clear()
+        out = tmp_path / f"out_{judge is None}"
+        cfg = _tag_cfg(server, inp, out, sampling="prefill", prefill_judge=judge)
+        del cfg["judge"]
+        _run("tag", cfg)
+        (row,) = _jsonl(out / "data.jsonl")
+        assert (row["p_on"], row["p_off"]) == expect, judge
+        judges = [b for b in bodies if b["prompt"].endswith("<judge>\n")]
+        if judge is None:
+            # one judge request per sample index (seeds differ), shared by the two modes
+            assert sorted(b["seed"] for b in judges) == [0, 1]
+            assert all("</judge>" in b["stop"] and b["max_tokens"] == 32 for b in judges)
+            forced = [b["prompt"] for b in bodies if b not in judges]
+            assert len(forced) == 4
+            assert all(f"<judge>\n{own}\n</judge>\n\n<think_o" in p for p in forced)
+        else:
+            assert not judges
+
+
 def test_solver_reasoning_no_critic_and_template_judge(server, tmp_path):
     """thinker/critic null: the solver's `reasoning_content` is the think text and the verified
     answer is the only gate; judge_writer null: the judge is `judge_template`; `extra_body`

@@ -80,10 +80,12 @@ class PipelineContext:
         params = role.params(self.cfg.seed + index)
         return client.chat(role.model, system + messages, cache_tag=f"{tag}/{index}", **params)
 
-    def complete(self, role: RoleConfig, prompt: str, index: int, tag: str) -> Completion:
-        """Raw-prompt request of `role` (prefill); stops at `<|im_end|>`."""
+    def complete(
+        self, role: RoleConfig, prompt: str, index: int, tag: str, stop: list[str] | None = None
+    ) -> Completion:
+        """Raw-prompt request of `role` (prefill); stops at `<|im_end|>` (and `stop`)."""
         client = self.pool.get(role.base_url)
-        params = {**role.params(self.cfg.seed + index), "stop": ["<|im_end|>"]}
+        params = {**role.params(self.cfg.seed + index), "stop": ["<|im_end|>", *(stop or [])]}
         return client.complete(role.model, prompt, cache_tag=f"{tag}/{index}", **params)
 
 

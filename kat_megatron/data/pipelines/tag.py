@@ -10,7 +10,13 @@ judge this is "p_off >= p_on - margin", ties going to think-off, the cheaper mod
 are sampled either from two teachers (`sampling: teacher`: `think_on` is a reasoning model such as
 DeepSeek-R1, `think_off` a direct one such as DeepSeek-V3 with a no-reasoning system prompt) or
 from an AutoThink model through `/completions` with the mode prefilled (`sampling: prefill`,
-system prompts ignored). Rows keep the votes, pass rates, judge vote and sample lengths.
+system prompts ignored). The judge text before the forced mode is `prefill_judge`, a fixed text,
+or with `prefill_judge: null` the model's own: sample i first asks for the judge alone (stopped
+at `</judge>`, at most 32 tokens, the think_off role's sampling and seed i, one cached request
+shared by both modes), then forces each mode after it, as `kat eval --forced-judge model`
+does. A small model that always writes its judge before choosing can be out of distribution
+after a judge text it never wrote (the demo's tiny teacher: hard think_on 0.34 after the fixed
+text, 1.00 after its own; docs/autothink_data.md). Rows keep the votes, pass rates, judge vote and sample lengths.
 
 Oracle (`oracle: {samples_per_mode: 16}`): how right the labels are, measured. Each query is
 also sampled `oracle.samples_per_mode` more times per forced mode from the same teacher (other
@@ -88,8 +94,9 @@ class TagConfig(PipelineConfig):
     judge: RoleConfig | None = None
     """Optional LLM judge asked THINK_ON/THINK_OFF; its vote weighs `judge_weight`."""
     judge_weight: float = 0.25
-    prefill_judge: str = "I will decide how to answer this query."
-    """Judge text written before the forced mode token (sampling=prefill)."""
+    prefill_judge: str | None = "I will decide how to answer this query."
+    """Judge text written before the forced mode token (sampling=prefill); null: the model's
+    own judge, generated first (module docstring)."""
     answer_hints: bool = True
     """Append the verifier's answer-format hint (prompts.ANSWER_HINTS) to sampled queries."""
     drop_unsolved: bool = False
@@ -140,13 +147,28 @@ def _sample_teacher(
     return out.text, ctx.meter((out.reasoning or "") + out.text)
 
 
+OWN_JUDGE_TOKENS = 32
+"""At most this many tokens of the model's own judge (`prefill_judge: null`)."""
+
+
+def _own_judge(ctx: PipelineContext, prompt: str, i: int, oracle: bool) -> str:
+    """The model's judge text for sample `i` (one request, the same for both modes)."""
+    role = dataclasses.replace(_role(ctx, "think_off", oracle), max_tokens=OWN_JUDGE_TOKENS)
+    tag = f"tag/{'oracle/' if oracle else ''}judge"
+    out = ctx.complete(role, prompt, i, tag, stop=[JUDGE_CLOSE])
+    return out.text.split(JUDGE_CLOSE, 1)[0].strip()
+
+
 def _sample_prefill(
     ctx: PipelineContext, rec: InputRecord, mode: str, i: int, oracle: bool = False
 ) -> tuple[str, int]:
     cfg = ctx.cfg
     opener = THINK_OPEN if mode == "think_on" else ANSWER_OPEN
-    prefix = f"{cfg.prefill_judge}\n{JUDGE_CLOSE}\n\n{MODE_TOKENS[mode]}\n{opener}\n"
     prompt = render_chat(sample_messages(rec, cfg.answer_hints), add_generation_prompt=True)
+    judge = (
+        cfg.prefill_judge if cfg.prefill_judge is not None else _own_judge(ctx, prompt, i, oracle)
+    )
+    prefix = f"{judge}\n{JUDGE_CLOSE}\n\n{MODE_TOKENS[mode]}\n{opener}\n"
     tag = f"tag/{'oracle/' if oracle else ''}{mode}"
     out = ctx.complete(_role(ctx, mode, oracle), prompt + prefix, i, tag)
     return parse_lenient(GENERATION_PREFIX + prefix + out.text).answer, ctx.meter(out.text)
