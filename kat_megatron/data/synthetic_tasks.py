@@ -33,7 +33,7 @@ import inspect
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,13 +96,26 @@ def product_mod10(factors: list[int]) -> tuple[str, str, str]:
     return question, str(last), " ".join(steps) or f"{last} mod 10 = {last % 10}."
 
 
-def _hard(ex_id: str, rng: random.Random) -> TaskExample:
-    question, answer, reasoning = product_mod10([rng.randint(2, 9) for _ in range(HARD_FACTORS)])
-    return TaskExample(ex_id, "hard", question, answer, reasoning)
+HARD_QUESTIONS = 8**HARD_FACTORS
+"""Distinct hard questions (512): few enough that a teacher trained long enough on transcripts
+of all of them answers them from memory (`pretrain_documents(exclude=...)`)."""
 
 
-def make_tasks(n: int, seed: int, hard_fraction: float = 0.5) -> list[TaskExample]:
-    """`n` examples, exactly `round(n * hard_fraction)` of them hard, in a seeded random order.
+def _hard(ex_id: str, rng: random.Random, exclude: Collection[str] = ()) -> TaskExample:
+    for _ in range(100 * HARD_QUESTIONS):
+        question, answer, reasoning = product_mod10(
+            [rng.randint(2, 9) for _ in range(HARD_FACTORS)]
+        )
+        if question not in exclude:
+            return TaskExample(ex_id, "hard", question, answer, reasoning)
+    raise ValueError(f"exclude: holds every hard question ({HARD_QUESTIONS}); none is left")
+
+
+def make_tasks(
+    n: int, seed: int, hard_fraction: float = 0.5, exclude: Collection[str] = ()
+) -> list[TaskExample]:
+    """`n` examples, exactly `round(n * hard_fraction)` of them hard, in a seeded random order;
+    no hard question is one of `exclude` (a hard draw that is gets drawn again).
 
     Ids are `synth-{seed}-{index}`, unique within one call.
     """
@@ -114,8 +127,13 @@ def make_tasks(n: int, seed: int, hard_fraction: float = 0.5) -> list[TaskExampl
     n_hard = round(n * hard_fraction)
     categories = ["hard"] * n_hard + ["easy"] * (n - n_hard)
     rng.shuffle(categories)
-    make = {"easy": _easy, "hard": _hard}
-    return [make[cat](f"synth-{seed}-{i}", rng) for i, cat in enumerate(categories)]
+    exclude = frozenset(exclude)
+    return [
+        _easy(f"synth-{seed}-{i}", rng)
+        if cat == "easy"
+        else _hard(f"synth-{seed}-{i}", rng, exclude)
+        for i, cat in enumerate(categories)
+    ]
 
 
 def prompt_record(ex: TaskExample) -> dict[str, Any]:
@@ -213,15 +231,24 @@ def coldstart_records(
 
 
 def pretrain_documents(
-    n: int, seed: int, hard_fraction: float = 0.5, forced_judge_rate: float = 0.25
+    n: int,
+    seed: int,
+    hard_fraction: float = 0.5,
+    forced_judge_rate: float = 0.25,
+    exclude: Collection[str] = (),
 ) -> list[str]:
     """`n` full chat transcripts (user question + AutoThink answer) as plain-text documents,
-    half of each category think_on and half think_off, for teacher pretraining.
+    half of each category think_on and half think_off, for teacher pretraining; hard questions
+    in `exclude` (the demo passes its prompt and eval sets') are held out. Held out, a hard
+    question answered directly is the teacher's generalisation, not its memory: of 512 hard
+    questions the demo's 4000 hard documents hold each ~8 times, half answered directly; a
+    teacher trained 3000 steps on such a corpus (eval questions included) answered the eval's
+    hard products directly at 1.00, at 1000 steps 0.39 (docs/autothink_data.md).
 
     Write them as `{"text": doc}` lines (`write_jsonl(path, ({"text": d} for d in docs))`) and
     tokenize with `data.preprocess.preprocess_jsonl` or `tools/preprocess_data.py`.
     """
-    examples = make_tasks(n, seed, hard_fraction)
+    examples = make_tasks(n, seed, hard_fraction, exclude)
     rng = random.Random(seed + 1)
     flags = think_on_flags(examples, rng, {"easy": 0.5, "hard": 0.5})
     recs = rendered_records(examples, flags, rng, forced_judge_rate)

@@ -85,13 +85,19 @@ class DemoTask:
     """Per category, the think_on fraction of gold top-up rows (see `DemoScale.min_sft_rows`)."""
     judge_templates: dict[str, str] | None = None
     """`kat data coldstart`'s judge text per mode; None: `examples/demo/coldstart.yaml`'s."""
+    held_out: tuple[str, ...] = ()
+    """Categories whose prompt and eval questions the teacher corpus leaves out
+    (`pretrain_documents(exclude=...)`): answered directly, they test the teacher's competence,
+    not its memory of a small question space."""
 
     def data(self) -> ModuleType:
         return importlib.import_module(self.module)
 
 
 TASKS = {
-    "easy-hard": DemoTask("kat_megatron.data.synthetic_tasks", {"easy": 0.0, "hard": 1.0}),
+    "easy-hard": DemoTask(
+        "kat_megatron.data.synthetic_tasks", {"easy": 0.0, "hard": 1.0}, held_out=("hard",)
+    ),
     "steps": DemoTask(steps.__name__, steps.GOLD_THINK_ON_RATE, dict(steps.JUDGE)),
 }
 """`kat demo --task NAME`; easy-hard is the default and what the README measured."""
@@ -180,15 +186,21 @@ class Demo:
         from kat_megatron.data.preprocess import preprocess_jsonl
 
         st = self.task.data()
-        docs = st.pretrain_documents(self.s.corpus_docs, seed=self.stage_seed(1))
-        corpus = st.write_jsonl(self.data / "corpus.jsonl", ({"text": d} for d in docs))
-        preprocess_jsonl([corpus], self.data / "corpus", "tiny", workers=1, progress=False)
+        held_out: set[str] = set()
         for name, n, base in (("prompts", self.s.prompts, 2), ("eval", self.s.eval_prompts, 3)):
             seed = self.stage_seed(base)
-            recs = [{**st.prompt_record(ex), "intent": "math"} for ex in st.make_tasks(n, seed)]
+            examples = st.make_tasks(n, seed)
+            held_out |= {ex.question for ex in examples if ex.category in self.task.held_out}
+            recs = [{**st.prompt_record(ex), "intent": "math"} for ex in examples]
             st.write_jsonl(self.data / f"{name}.jsonl", recs)
-        self.r.echo(f"    task {self.task_name}: {len(docs)} corpus documents, {self.s.prompts} "
-                    f"prompts, {self.s.eval_prompts} eval prompts in {self.data}")  # fmt: skip
+        kw = {"exclude": held_out} if self.task.held_out else {}
+        docs = st.pretrain_documents(self.s.corpus_docs, seed=self.stage_seed(1), **kw)
+        corpus = st.write_jsonl(self.data / "corpus.jsonl", ({"text": d} for d in docs))
+        preprocess_jsonl([corpus], self.data / "corpus", "tiny", workers=1, progress=False)
+        kept = f", {len(held_out)} {'/'.join(self.task.held_out)} questions held out of it"
+        self.r.echo(f"    task {self.task_name}: {len(docs)} corpus documents"
+                    f"{kept if held_out else ''}, {self.s.prompts} prompts, "
+                    f"{self.s.eval_prompts} eval prompts in {self.data}")  # fmt: skip
 
     def _train(self, config: str, run: str, *overrides: str) -> Path:
         run_dir = self.out / run

@@ -84,6 +84,29 @@ def test_determinism_and_class_balance():
         make_tasks(4, 0, hard_fraction=1.5)
 
 
+def test_held_out_hard_questions_stay_out_of_the_corpus():
+    """`exclude`: no hard question of the held-out set in the examples or the pretraining
+    documents (checked by parsing the rendered text), the rest of the draw unchanged in kind;
+    excluding all 8^3 hard questions is an error, not a hang."""
+    from itertools import product
+
+    held = {ex.question for ex in make_tasks(300, seed=2) if ex.category == "hard"}
+    assert 50 < len(held) < 150
+    ex = make_tasks(2000, seed=9, exclude=held)
+    hard = [e.question for e in ex if e.category == "hard"]
+    assert len(hard) == 1000 and not held & set(hard)
+    assert len(set(hard)) > 300  # the other questions still appear, most of them
+    docs = pretrain_documents(1000, seed=4, exclude=held)
+    asked = {re.search(r"user\n(.*?)<\|im_end\|>", d).group(1) for d in docs}
+    assert not held & asked and any(parse_question(q)[0] == "hard" for q in asked)
+    assert pretrain_documents(50, seed=4) == pretrain_documents(50, seed=4, exclude=())
+    every = {
+        "What is " + " * ".join(map(str, f)) + " mod 10?" for f in product(range(2, 10), repeat=3)
+    }
+    with pytest.raises(ValueError, match="every hard question"):
+        make_tasks(4, 0, exclude=every)
+
+
 def test_coldstart_rates_and_sft_records(tmp_path):
     recs = coldstart_records(200, seed=2, think_on_rate={"easy": 0.25, "hard": 1.0})
     assert recs == coldstart_records(200, seed=2, think_on_rate={"easy": 0.25, "hard": 1.0})
