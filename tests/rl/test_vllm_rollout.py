@@ -22,7 +22,7 @@ attention needs), from the same fixture: trained once per test session, shared b
   weight by ~1e-2; the parity test's 0.02 noise moved log-probs by up to 3). Resumed after
   step 1 (a fresh worker loaded from the checkpoint), step 2 is identical (rollouts, rewards,
   every metric): the in-memory refit delivered exactly the trained weights. The megatron
-  engine logs the same metrics within the same bounds (measured max 3.5e-6 / 6.2e-6).
+  engine logs the same metrics within the same bounds (test_rl_stage.py's TP=1 / TP=2 runs).
   Training at TP=2 (the refit gathers the shards) reproduces the TP=1 run: the same rollouts
   and rewards; loss, grad norm and entropy within relative 1e-4 at step 1 (test_rl_stage.py's
   TP=2 bound) and 5e-4 at step 2: the lr 1e-2 update (100x test_rl_stage's) raises the entropy
@@ -132,14 +132,6 @@ def test_rl_stage_with_vllm_engine(task, sft_ckpt, kat):  # noqa: F811
             rel = 1e-4 if ra["step"] == 1 else 5e-4  # step 2: after one lr 1e-2 update
             assert diff <= rel * abs(na[key]) + 1e-7, key
         assert nb["rollout/logprob_diff_max"] <= STAGE_BOUND
-
-    megatron = rl_config(task, sft_ckpt, "megatron_diff", **{**over, "rl.rollout": {}})
-    kat(["train", str(megatron)])
-    for r in _rows(task / "megatron_diff"):
-        print(f"megatron step {r['step']}: diff max {r['rollout/logprob_diff_max']:.2e}, "
-              f"rollout {r['rollout_tokens_per_s']:.0f} tok/s")  # fmt: skip
-        assert r["rollout/logprob_diff_max"] <= STAGE_BOUND and "refit_time_s" not in r
-        assert r["rollout/logprob_diff_mean"] <= BOUND
 
 
 def test_vllm_engine_missing_is_one_line_error(tmp_path):
