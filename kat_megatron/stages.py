@@ -93,9 +93,11 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage(
-            "pretrain", "next-token LM on Megatron indexed data", _pretrain_trainer,
+            "pretrain",
+            "next-token LM on Megatron indexed data",
+            _pretrain_trainer,
             _check_pretrain,
-        ),  # fmt: skip
+        ),
         Stage("kd", "MTP-enhanced knowledge distillation", _kd_trainer, _check_kd),
         Stage("sft", "supervised fine-tuning on packed chat rows", _sft_trainer, _check_sft),
         Stage("rl", "Step-SRPO / GRPO on the colocated rollout engine", _rl_trainer, _check_rl),

@@ -108,6 +108,19 @@ def pack_rows(
     return out
 
 
+def eod_lengths(row: Sequence[int], eod_id: int) -> list[int]:
+    """Document lengths of one row of EOD-joined documents: every EOD ends its document (the EOD
+    belongs to it) and the row's end ends one."""
+    lengths, start = [], 0
+    for i, tok in enumerate(row):
+        if tok == eod_id:
+            lengths.append(i + 1 - start)
+            start = i + 1
+    if start < len(row):
+        lengths.append(len(row) - start)
+    return lengths
+
+
 def eod_rows(tokens_bs: torch.Tensor, eod_id: int, multiple: int) -> dict:
     """Pretraining rows `[b, s]` of EOD-joined documents (stage kd with `kd.packing`) -> the
     model input of one THD row: `tokens [1, t]`, `position_ids [1, t]`, `packed_seq_params`,
@@ -115,15 +128,7 @@ def eod_rows(tokens_bs: torch.Tensor, eod_id: int, multiple: int) -> dict:
     as `losses.kd.documents_from_eod` counts), every row's end ends one; t = b * s rounded up
     to `multiple`, the tail one more document of EOD tokens."""
     b, s = tokens_bs.shape
-    lengths: list[int] = []
-    for row in tokens_bs.tolist():
-        start = 0
-        for i, tok in enumerate(row):
-            if tok == eod_id:
-                lengths.append(i + 1 - start)
-                start = i + 1
-        if start < s:
-            lengths.append(s - start)
+    lengths = [n for row in tokens_bs.tolist() for n in eod_lengths(row, eod_id)]
     t, positions, params = close_row(lengths, b * s, multiple, tokens_bs.device)
     flat = tokens_bs.reshape(-1)
     tokens = torch.cat([flat, flat.new_full((t - b * s,), eod_id)]).unsqueeze(0)

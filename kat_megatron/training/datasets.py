@@ -40,7 +40,8 @@ def pretrain_packing(cfg: KatConfig) -> bool:
 
 class EodDocuments:
     """A GPT dataset whose samples carry `cu_seqlens`: each EOD ends a document (the EOD belongs
-    to it, as `models.packed_seq.eod_rows` counts) and the sample's end ends one, so
+    to it: `models.packed_seq.eod_lengths`, as stage kd's `eod_rows` counts) and the sample's
+    end ends one, so
     `training.batches.collate` turns a micro-batch into one THD row with attention per document
     and positions restarting at 0 (`thd` tells the loop). Labels and the loss mask are the
     dataset's: the EOD's label is the next document's first token, as without packing."""
@@ -54,14 +55,13 @@ class EodDocuments:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        import numpy as np
+        from itertools import accumulate
+
+        from kat_megatron.models.packed_seq import eod_lengths
 
         sample = dict(self.dataset[index])
-        tokens = np.asarray(sample["tokens"])
-        ends = (np.flatnonzero(tokens == self.eod_id) + 1).tolist()
-        if not ends or ends[-1] != len(tokens):
-            ends.append(len(tokens))
-        sample["cu_seqlens"] = [0, *ends]
+        lengths = eod_lengths(sample["tokens"].tolist(), self.eod_id)
+        sample["cu_seqlens"] = [0, *accumulate(lengths)]
         return sample
 
 
