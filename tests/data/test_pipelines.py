@@ -349,6 +349,64 @@ def test_prefill_with_the_models_own_judge(server, tmp_path):
             assert not judges
 
 
+def test_synthesize_prefill_with_the_models_own_judge(server, tmp_path):
+    """`kat data synthesize sampling=prefill`: the solver and direct teacher are one AutoThink
+    model forced into the record's mode after its own judge (as `kat data tag`); the think text
+    is its own reasoning. The scripted model is right after its own judge only, so the fixed
+    judge text (what `kat serve`'s chat template prefills) leaves every record unverified."""
+    own = "Steps help here."
+    bodies = []
+
+    def autothink(path, body):
+        bodies.append(body)
+        prompt = body["prompt"]
+        if prompt.endswith("<judge>\n"):
+            return f"{own}\n</judge>\n\n<think_on>"
+        ans = "\\boxed{391}" if f"<judge>\n{own}\n</judge>" in prompt else "\\boxed{1}"
+        if prompt.endswith("<think>\n"):
+            return f"Multiply 17 by 23.\n</think>\n\n<answer>\n{ans}\n</answer>"
+        return f"{ans}\n</answer>"
+
+    server.script = autothink
+    rows = [
+        {"id": "on", "query": "Compute 17 * 23.", "reference": "391", "mode": "think_on"},
+        {"id": "off", "query": "Compute 17 * 23.", "reference": "391", "mode": "think_off"},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for judge in (None, "I will decide how to answer this query."):
+        bodies.clear()
+        out = tmp_path / f"syn_{judge is None}"
+        cfg = _base(server, inp, out)
+        cfg.update(
+            sampling="prefill", prefill_judge=judge, thinker=None, critic=None,
+            solver={"model": "teacher"}, direct={"model": "teacher"}, max_rounds=2,
+            direct_samples=2,
+        )  # fmt: skip
+        syn = _run("synthesize", cfg)
+        kept = {r["id"]: r for r in _jsonl(out / "data.jsonl")}
+        if judge is None:
+            assert not syn["rejected_reasons"] and set(kept) == {"on", "off"}
+            assert (kept["on"]["think"], kept["on"]["answer"]) == (
+                "Multiply 17 by 23.",
+                "\\boxed{391}",
+            )
+            assert (kept["off"]["think"], kept["off"]["answer"]) == (None, "\\boxed{391}")
+            judges = [b for b in bodies if b["prompt"].endswith("<judge>\n")]
+            assert len(judges) == 2 and all("</judge>" in b["stop"] for b in judges)
+        else:
+            assert not kept and syn["rejected_reasons"] == {
+                "no verified solver answer": 1, "no verified direct answer": 1
+            }  # fmt: skip
+            assert not [b for b in bodies if b["prompt"].endswith("<judge>\n")]
+            assert len(bodies) == 4  # 2 rounds + 2 direct samples, each re-asked
+
+    with pytest.raises(ValueError, match="sampling=prefill: expected thinker: null"):
+        from kat_megatron.data.pipelines.synthesize import SynthesizeConfig
+
+        SynthesizeConfig(input="x", output="y", sampling="prefill")
+
+
 def test_solver_reasoning_no_critic_and_template_judge(server, tmp_path):
     """thinker/critic null: the solver's `reasoning_content` is the think text and the verified
     answer is the only gate; judge_writer null: the judge is `judge_template`; `extra_body`

@@ -6,7 +6,10 @@ Think-on (multi-agent, as in the KAT-V1 report; prompts and the loop are ours): 
 `critic` scores it 0-10 (`SCORE: N`); a score below `critic_threshold` starts another round, up to
 `max_rounds`, then the record is rejected. Think-off: the `direct` teacher answers, rejection
 sampled (up to `direct_samples` tries) until an answer verifies (the first non-empty answer when
-there is no reference). The mode comes from the record (`mode`, written by `kat data tag`) or is
+there is no reference). With `sampling: prefill` the solver and the direct teacher are one
+AutoThink model (`kat serve`) sampled through `/completions` with the mode forced after a judge,
+by default the model's own (`prefill_judge: null`, as `kat data tag`), and the think text is its
+own reasoning. The mode comes from the record (`mode`, written by `kat data tag`) or is
 forced with `mode: think_on|think_off`. Model outputs containing special tokens are discarded and
 counted (`events.malformed_outputs`). Rows carry `think` and `answer` for `kat data coldstart`.
 """
@@ -24,9 +27,10 @@ from kat_megatron.data.pipelines import prompts
 from kat_megatron.data.pipelines.config import PipelineConfig, RoleConfig
 from kat_megatron.data.pipelines.io import InputRecord
 from kat_megatron.data.pipelines.runner import Outcome, PipelineContext, run_pipeline
-from kat_megatron.data.pipelines.tag import sample_messages
+from kat_megatron.data.pipelines.tag import sample_forced, sample_messages
 
 MODE_SOURCES = ("from_record", *MODES)
+SAMPLINGS = ("chat", "prefill")
 _SCORE_RE = re.compile(r"SCORE\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
@@ -64,11 +68,25 @@ class SynthesizeConfig(PipelineConfig):
     """Rejection-sampling tries per think-off record."""
     answer_hints: bool = True
     """Append the verifier's answer-format hint to the solver's and direct teacher's prompt."""
+    sampling: str = "chat"
+    """chat: the solver and direct teacher get chat requests; prefill: they are one AutoThink
+    model sampled through `/completions` with the mode prefilled after a judge (as `kat data
+    tag sampling=prefill`); the think text is then the solver's own (needs `thinker: null`)."""
+    prefill_judge: str | None = None
+    """sampling=prefill: the judge text before the forced mode; null: the model's own, sampled
+    first with the direct role's settings (one request per sample index)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in MODE_SOURCES:
             raise ValueError(f"mode={self.mode!r}: expected one of {list(MODE_SOURCES)}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={self.sampling!r}: expected one of {list(SAMPLINGS)}")
+        if self.sampling == "prefill" and self.thinker is not None:
+            raise ValueError(
+                "sampling=prefill: expected thinker: null (the prefilled model's own reasoning "
+                "is the think text)"
+            )
         if not 0.0 <= self.critic_threshold <= 10.0:
             raise ValueError(f"critic_threshold={self.critic_threshold}: expected 0..10")
         for name in ("max_rounds", "direct_samples"):
@@ -93,12 +111,25 @@ def _record_mode(cfg: SynthesizeConfig, rec: InputRecord) -> str:
 
 
 def _solve(
-    ctx: PipelineContext, rec: InputRecord, role: RoleConfig, i: int, tag: str, ev: Counter
+    ctx: PipelineContext,
+    rec: InputRecord,
+    role: RoleConfig,
+    mode: str,
+    i: int,
+    tag: str,
+    ev: Counter,
 ) -> tuple[str | None, str | None]:
     """(answer, the role's reasoning) from `role`; answer None when malformed or (with a
     reference) wrong."""
-    out = ctx.ask(role, sample_messages(rec, ctx.cfg.answer_hints), i, tag)
-    answer = _clean(out.text)
+    cfg: SynthesizeConfig = ctx.cfg
+    if cfg.sampling == "prefill":
+        parsed, _ = sample_forced(ctx, rec, mode, role, i, tag, cfg.prefill_judge, cfg.direct)
+        answer, reasoning = _clean(parsed.answer or ""), parsed.think
+        if mode == "think_on" and not reasoning:
+            answer = None  # no reasoning: counted as malformed below
+    else:
+        out = ctx.ask(role, sample_messages(rec, cfg.answer_hints), i, tag)
+        answer, reasoning = _clean(out.text), out.reasoning
     if answer is None:
         ev["malformed_outputs"] += 1
     elif (
@@ -106,7 +137,7 @@ def _solve(
     ):
         ev[f"{tag.split('/')[-1]}_wrong"] += 1
         answer = None
-    return answer, out.reasoning
+    return answer, reasoning
 
 
 def _write_think(
@@ -131,7 +162,7 @@ def _think_on(ctx: PipelineContext, rec: InputRecord) -> Outcome:
     scores: list[float | None] = []
     for r in range(cfg.max_rounds):
         if answer is None or cfg.thinker is None:
-            answer, reasoning = _solve(ctx, rec, cfg.solver, r, "synthesize/solver", ev)
+            answer, reasoning = _solve(ctx, rec, cfg.solver, "think_on", r, "synthesize/solver", ev)
             if answer is None:
                 continue
         think = _write_think(ctx, rec, answer, reasoning, critique, r)
@@ -165,7 +196,7 @@ def _think_off(ctx: PipelineContext, rec: InputRecord) -> Outcome:
     cfg: SynthesizeConfig = ctx.cfg
     ev: Counter = Counter()
     for k in range(cfg.direct_samples):
-        answer, _ = _solve(ctx, rec, cfg.direct, k, "synthesize/direct", ev)
+        answer, _ = _solve(ctx, rec, cfg.direct, "think_off", k, "synthesize/direct", ev)
         if answer is not None:
             return Outcome("kept", _row(ctx, rec, "think_off", None, answer, [], k + 1), None, ev)
     row = _row(ctx, rec, "think_off", None, None, [], cfg.direct_samples)

@@ -43,6 +43,7 @@ from kat_megatron.data.autothink import (
     MODE_TOKENS,
     MODES,
     THINK_OPEN,
+    LenientParse,
     parse_lenient,
 )
 from kat_megatron.data.chat_template import render_chat
@@ -151,27 +152,52 @@ OWN_JUDGE_TOKENS = 32
 """At most this many tokens of the model's own judge (`prefill_judge: null`)."""
 
 
-def _own_judge(ctx: PipelineContext, prompt: str, i: int, oracle: bool) -> str:
-    """The model's judge text for sample `i` (one request, the same for both modes)."""
-    role = dataclasses.replace(_role(ctx, "think_off", oracle), max_tokens=OWN_JUDGE_TOKENS)
-    tag = f"tag/{'oracle/' if oracle else ''}judge"
+def own_judge(ctx: PipelineContext, role: RoleConfig, prompt: str, i: int, tag: str) -> str:
+    """The model's judge text for sample `i`: one request with `role`'s sampling, stopped at
+    `</judge>` (cached under `tag`, so the two modes of one sample index share it)."""
+    role = dataclasses.replace(role, max_tokens=OWN_JUDGE_TOKENS)
     out = ctx.complete(role, prompt, i, tag, stop=[JUDGE_CLOSE])
     return out.text.split(JUDGE_CLOSE, 1)[0].strip()
+
+
+def sample_forced(
+    ctx: PipelineContext,
+    rec: InputRecord,
+    mode: str,
+    role: RoleConfig,
+    i: int,
+    tag: str,
+    judge: str | None,
+    judge_role: RoleConfig,
+) -> tuple[LenientParse, str]:
+    """One `/completions` sample of an AutoThink model with `mode` forced: the chat template's
+    generation prompt, the judge (`judge`, or with None the model's own, from `judge_role`,
+    cached as `{tag}/judge`), the mode token and its opener prefilled. Returns the parse of the
+    whole assistant turn and the generated text."""
+    opener = THINK_OPEN if mode == "think_on" else ANSWER_OPEN
+    prompt = render_chat(sample_messages(rec, ctx.cfg.answer_hints), add_generation_prompt=True)
+    if judge is None:
+        judge = own_judge(ctx, judge_role, prompt, i, f"{tag}/judge")
+    prefix = f"{judge}\n{JUDGE_CLOSE}\n\n{MODE_TOKENS[mode]}\n{opener}\n"
+    out = ctx.complete(role, prompt + prefix, i, f"{tag}/{mode}")
+    return parse_lenient(GENERATION_PREFIX + prefix + out.text), out.text
 
 
 def _sample_prefill(
     ctx: PipelineContext, rec: InputRecord, mode: str, i: int, oracle: bool = False
 ) -> tuple[str, int]:
-    cfg = ctx.cfg
-    opener = THINK_OPEN if mode == "think_on" else ANSWER_OPEN
-    prompt = render_chat(sample_messages(rec, cfg.answer_hints), add_generation_prompt=True)
-    judge = (
-        cfg.prefill_judge if cfg.prefill_judge is not None else _own_judge(ctx, prompt, i, oracle)
+    tag = "tag/oracle" if oracle else "tag"
+    parsed, text = sample_forced(
+        ctx,
+        rec,
+        mode,
+        _role(ctx, mode, oracle),
+        i,
+        tag,
+        ctx.cfg.prefill_judge,
+        _role(ctx, "think_off", oracle),
     )
-    prefix = f"{judge}\n{JUDGE_CLOSE}\n\n{MODE_TOKENS[mode]}\n{opener}\n"
-    tag = f"tag/{'oracle/' if oracle else ''}{mode}"
-    out = ctx.complete(_role(ctx, mode, oracle), prompt + prefix, i, tag)
-    return parse_lenient(GENERATION_PREFIX + prefix + out.text).answer, ctx.meter(out.text)
+    return parsed.answer, ctx.meter(text)
 
 
 SAMPLERS: dict[str, Callable[..., tuple[str, int]]] = {
