@@ -33,6 +33,7 @@ from typing import Any
 from kat_megatron.data.chat_template import render_chat
 from kat_megatron.data.synthetic_tasks import (  # noqa: F401 (the shared helpers, re-exported)
     FORCED_JUDGE,
+    HARD_DIGITS,
     VERIFIER,
     TaskExample,
     autothink_answer,
@@ -45,7 +46,7 @@ from kat_megatron.data.synthetic_tasks import (  # noqa: F401 (the shared helper
 )
 
 MIN_FACTORS, MAX_FACTORS = 1, 5
-DIGITS = (2, 3, 4, 6, 7, 8, 9)
+DIGITS = HARD_DIGITS
 """Factors are drawn from these (no 0 or 1: trivial; no 5: see the module docstring)."""
 CATEGORIES = tuple(f"factors_{k}" for k in range(MIN_FACTORS, MAX_FACTORS + 1))
 JUDGE = {

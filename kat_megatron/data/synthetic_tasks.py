@@ -6,14 +6,17 @@ print(ex); print(autothink_answer(ex[1], 'think_on'))"` prints two examples and 
 
 - easy: "What is 3 + 4?" (two digits 0-9). Answering directly (think_off) is as good as
   reasoning: a tiny model learns the 100-entry table in a few hundred steps.
-- hard: "What is 3 * 6 * 7 mod 10?" (three digits 2-9). Answered directly, the model has to
-  compose two multiplications modulo 10 in one pass and does little better than the answer's
-  skewed prior (0 and the even digits dominate); the chain "3 * 6 = 18. 8 * 7 = 56." (each step
+- hard: "What is 3 * 6 * 7 mod 10?" (three digits 2-9 but 5). Answered directly, the model has
+  to compose two multiplications modulo 10 in one pass and does little better than the answer's
+  skewed prior (the even digits dominate); the chain "3 * 6 = 18. 8 * 7 = 56." (each step
   multiplies the last digit so far by the next factor) makes every step a lookup in the
   single-digit multiplication table. In our measurement (tiny-dense, 1000 SFT steps on both
   modes) hard prompts scored 0.98-1.00 think_on and 0.44 think_off, easy ones 1.00 in both.
   Sums of four digits, the obvious first choice, are learned directly by attention averaging
-  (0.96 think_off vs 0.80 think_on) and so do not need reasoning.
+  (0.96 think_off vs 0.80 think_on) and so do not need reasoning. 5 is left out of the digits
+  (since 2026-12-04, as in `synthetic_steps.py`): a 5 and an even factor make 0, so "0" answered
+  directly was right on ~30% of hard prompts, and the oracle router answered 38-62% of them
+  directly; the demo teacher and student then had no reason to reason there (docs/autothink_data.md).
 
 Prompts are `prompt_record`s (the input of `kat data tag`, `kat eval --data` and the RL
 trainer), answers are canonical AutoThink responses (`autothink.render_response`) verified with
@@ -49,7 +52,9 @@ from kat_megatron.utils.io import atomic_write_text
 
 CATEGORIES = ("easy", "hard")
 HARD_FACTORS = 3
-"""Factors of a hard product (digits 2-9)."""
+"""Factors of a hard product (`HARD_DIGITS`)."""
+HARD_DIGITS = (2, 3, 4, 6, 7, 8, 9)
+"""Factors are drawn from these: no 0 or 1 (trivial), no 5 (module docstring)."""
 DEFAULT_JUDGE = {
     "easy": "A small sum: answer now.",
     "hard": "The answer needs steps.",
@@ -96,15 +101,15 @@ def product_mod10(factors: list[int]) -> tuple[str, str, str]:
     return question, str(last), " ".join(steps) or f"{last} mod 10 = {last % 10}."
 
 
-HARD_QUESTIONS = 8**HARD_FACTORS
-"""Distinct hard questions (512): few enough that a teacher trained long enough on transcripts
+HARD_QUESTIONS = len(HARD_DIGITS) ** HARD_FACTORS
+"""Distinct hard questions (343): few enough that a teacher trained long enough on transcripts
 of all of them answers them from memory (`pretrain_documents(exclude=...)`)."""
 
 
 def _hard(ex_id: str, rng: random.Random, exclude: Collection[str] = ()) -> TaskExample:
     for _ in range(100 * HARD_QUESTIONS):
         question, answer, reasoning = product_mod10(
-            [rng.randint(2, 9) for _ in range(HARD_FACTORS)]
+            [rng.choice(HARD_DIGITS) for _ in range(HARD_FACTORS)]
         )
         if question not in exclude:
             return TaskExample(ex_id, "hard", question, answer, reasoning)
@@ -240,10 +245,11 @@ def pretrain_documents(
     """`n` full chat transcripts (user question + AutoThink answer) as plain-text documents,
     half of each category think_on and half think_off, for teacher pretraining; hard questions
     in `exclude` (the demo passes its prompt and eval sets') are held out. Held out, a hard
-    question answered directly is the teacher's generalisation, not its memory: of 512 hard
-    questions the demo's 4000 hard documents hold each ~8 times, half answered directly; a
-    teacher trained 3000 steps on such a corpus (eval questions included) answered the eval's
-    hard products directly at 1.00, at 1000 steps 0.39 (docs/autothink_data.md).
+    question answered directly is the teacher's generalisation, not its memory: of the 512 hard
+    questions with 5 among the digits (before 2026-12-04) the demo's 4000 hard documents held
+    each ~8 times, half answered directly; a teacher trained 3000 steps on such a corpus (eval
+    questions included) answered the eval's hard products directly at 1.00, at 1000 steps 0.39
+    (docs/autothink_data.md).
 
     Write them as `{"text": doc}` lines (`write_jsonl(path, ({"text": d} for d in docs))`) and
     tokenize with `data.preprocess.preprocess_jsonl` or `tools/preprocess_data.py`.

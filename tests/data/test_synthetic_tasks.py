@@ -43,7 +43,7 @@ def test_answers_and_reasoning_by_independent_arithmetic():
             assert int(ex.answer) == digits[0] + digits[1]
             assert ex.reasoning == f"{digits[0]} + {digits[1]} = {ex.answer}."
             continue
-        assert len(digits) == 3 and all(2 <= d <= 9 for d in digits)
+        assert len(digits) == 3 and all(2 <= d <= 9 and d != 5 for d in digits)
         assert int(ex.answer) == math.prod(digits) % 10
         # every step "a * b = c." is true, and a is the last digit of the previous product
         steps = re.findall(r"(\d) \* (\d) = (\d+)\.", ex.reasoning)
@@ -87,7 +87,7 @@ def test_determinism_and_class_balance():
 def test_held_out_hard_questions_stay_out_of_the_corpus():
     """`exclude`: no hard question of the held-out set in the examples or the pretraining
     documents (checked by parsing the rendered text), the rest of the draw unchanged in kind;
-    excluding all 8^3 hard questions is an error, not a hang."""
+    excluding all 7^3 hard questions (digits 2-9 but 5) is an error, not a hang."""
     from itertools import product
 
     held = {ex.question for ex in make_tasks(300, seed=2) if ex.category == "hard"}
@@ -95,13 +95,14 @@ def test_held_out_hard_questions_stay_out_of_the_corpus():
     ex = make_tasks(2000, seed=9, exclude=held)
     hard = [e.question for e in ex if e.category == "hard"]
     assert len(hard) == 1000 and not held & set(hard)
-    assert len(set(hard)) > 300  # the other questions still appear, most of them
+    assert len(set(hard)) > 343 - len(held) - 20  # the other questions still appear, most of them
     docs = pretrain_documents(1000, seed=4, exclude=held)
     asked = {re.search(r"user\n(.*?)<\|im_end\|>", d).group(1) for d in docs}
     assert not held & asked and any(parse_question(q)[0] == "hard" for q in asked)
     assert pretrain_documents(50, seed=4) == pretrain_documents(50, seed=4, exclude=())
     every = {
-        "What is " + " * ".join(map(str, f)) + " mod 10?" for f in product(range(2, 10), repeat=3)
+        "What is " + " * ".join(map(str, f)) + " mod 10?"
+        for f in product((2, 3, 4, 6, 7, 8, 9), repeat=3)
     }
     with pytest.raises(ValueError, match="every hard question"):
         make_tasks(4, 0, exclude=every)
