@@ -65,7 +65,12 @@ from kat_megatron.inference.sampling import (
     token_logprobs_b,
 )
 from kat_megatron.inference.types import Completion, SamplingParams
-from kat_megatron.inference.weight_sync import NoWeightSync, WeightSync, hf_state_dict
+from kat_megatron.inference.weight_sync import (
+    NoWeightSync,
+    WeightSync,
+    hf_state_dict,
+    is_refit_owner,
+)
 
 log = logging.getLogger("kat")
 
@@ -207,14 +212,17 @@ class RolloutEngine:
     def refit(self) -> None:
         """Call after every optimizer step (all ranks). The colocated engine reads the live
         parameters, so there is nothing to reload; with a `WeightSync`, the weights are gathered
-        into Hugging Face names and pushed (collective over the TP group)."""
+        into Hugging Face names and pushed by the first replica's refit owner (collective over
+        the model-parallel groups, and at EP > 1 over every replica: expert-parallel groups span
+        them)."""
         self.weights_version += 1
         if isinstance(self.weight_sync, NoWeightSync):
             return
-        if parallel_state.get_data_parallel_rank() != 0:
+        first = parallel_state.get_data_parallel_rank() == 0
+        if not first and parallel_state.get_expert_model_parallel_world_size() == 1:
             return  # every data-parallel replica holds the same weights
         state = hf_state_dict(self.model, self.model_config)
-        if parallel_state.get_tensor_model_parallel_rank() == 0:
+        if first and is_refit_owner():
             self.weight_sync.push(state, self.weights_version)
 
     def check_prompts(self, prompts: list[list[int]]) -> None:

@@ -20,7 +20,11 @@ else env `KAT_VLLM_PYTHON`, else `<repo>/.venv-vllm/bin/python`), and talks to i
   reload and the model's `load_weights`) before the next is packed, so one bucket plus one
   parameter is the most of the model alive outside the trainer at once. A tensor larger than the
   bucket gets a segment of its own size.
-Supported: training at pp=1 and ep=1 (any TP), vLLM at tensor parallelism 1.
+Supported: training at pp=1 (any TP and EP; at EP > 1 every replica takes part in the gather,
+expert-parallel groups span them), vLLM at tensor parallelism 1. The gather itself also handles
+PP and VPP, delivering to `weight_sync.is_refit_owner`, the rank that owns the worker; stage rl
+does not run at pp > 1 yet. vLLM's CPU MoE kernels need their prepack redone on a reload
+(`vllm_worker._forget_cpu_moe_kernels`).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from kat_megatron.checkpoint.hf_config import hf_config_for, hf_spec_for
 from kat_megatron.config.schema import ModelConfig
 from kat_megatron.inference.sampling import request_seed
 from kat_megatron.inference.types import Completion, SamplingParams
-from kat_megatron.inference.weight_sync import iter_hf_tensors
+from kat_megatron.inference.weight_sync import is_refit_owner, iter_hf_tensors
 from kat_megatron.rl.rollout_config import RolloutConfig, resolve_vllm_python
 from kat_megatron.rl.rollouts import broadcast_tp
 
@@ -205,7 +209,7 @@ class VllmRolloutEngine:
         self.stats = {"calls": 0, "sequences": 0, "generated_tokens": 0, "seconds": 0.0,
                       "refits": 0, "refit_seconds": 0.0, "refit_bytes": 0,
                       "refit_buckets": 0}  # fmt: skip
-        self.owner = parallel_state.get_tensor_model_parallel_rank() == 0
+        self.owner = is_refit_owner()
         self.worker: VllmWorker | None = None
         self._config_dir: str | None = None
         if self.owner:
