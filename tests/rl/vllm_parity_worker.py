@@ -4,7 +4,7 @@
         CKPT PROMPTS.jsonl OUT.json
 
 Builds the policy as the RL trainer does (TP = N, sequence parallelism on at N > 1, fp32),
-loads CKPT, and wraps the live model in both engines: kat's colocated `RolloutEngine` and a
+loads CKPT (or, with CKPT = "moe", a random MoE policy at EP = N: `MOE`), and wraps the live model in both engines: kat's colocated `RolloutEngine` and a
 `VllmRolloutEngine` (worker on TP rank 0, refit buckets of 0.1 MiB so that the refit takes
 several buckets and the embedding travels alone in a larger segment). Rank 0 writes to OUT.json:
 - greedy completions of the first prompts of PROMPTS (chat-rendered) from both engines, and the
@@ -31,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
 import engine_worker as W  # noqa: E402
 
 MAX_NEW = 24
+MOE = "moe"
+"""CKPT = "moe": no checkpoint; a randomly initialised tiny-qwen3-moe (Qwen3-MoE in vLLM) with
+its experts split over the N ranks (EP = N, one vLLM worker per data-parallel replica), so the
+refit gathers the expert-parallel shards under global expert indices."""
 
 
 def _max_diff(a: list[float], b: list[float]) -> float:
@@ -56,7 +60,11 @@ def _compare(kat_out, vllm_out, model, tp: int) -> dict:
         "same_tokens": same,
         "lengths": [len(c.token_ids) for c in vllm_out],
         "max_vs_kat": max(
-            _max_diff(a.logprobs, b.logprobs) for a, b, s in zip(kat_out, vllm_out, same) if s
+            (_max_diff(a.logprobs, b.logprobs) for a, b, s in zip(kat_out, vllm_out, same) if s),
+            default=float("inf"),
+        ),
+        "kat_vs_trainer": max(
+            _max_diff(c.logprobs, W.recomputed_logprobs(model, c, tp).tolist()) for c in kat_out
         ),
         "max_vs_trainer": max(_max_diff(c.logprobs, t) for c, t in zip(vllm_out, trainer)),
     }
@@ -77,13 +85,20 @@ def main(ckpt: str, prompts_file: str, out: str) -> None:
     from kat_megatron.rl.vllm_engine import VllmRolloutEngine
     from kat_megatron.training.checkpointing import load_checkpoint
 
-    path, cfg = read_checkpoint_config(ckpt)
-    tp = int(os.environ["WORLD_SIZE"])
-    parallel = ParallelConfig(tp=tp)
+    world = int(os.environ["WORLD_SIZE"])
+    if ckpt == MOE:  # a random MoE policy, experts over all ranks (DP = EP = N)
+        from kat_megatron.config import load_config
+
+        cfg = load_config(None, ["model.preset=tiny-qwen3-moe", "model.init_method_std=0.2"])
+        tp, parallel = 1, ParallelConfig(ep=world)
+    else:
+        path, cfg = read_checkpoint_config(ckpt)
+        tp, parallel = world, ParallelConfig(tp=world)
     initialize(parallel, 1234, cfg.model)
     tcfg = transformer_config(cfg.model, parallel, "fp32", calculate_per_token_loss=True)
     model = build_model(cfg.model, parallel, "fp32", config=tcfg)[0]
-    load_checkpoint(path, [model])
+    if ckpt != MOE:
+        load_checkpoint(path, [model])
     tok = load_tokenizer(cfg.data.tokenizer)
     records = load_prompts(prompts_file)[:6]
     prompts = [prompt_token_ids(tok, r.messages) for r in records]
@@ -93,7 +108,7 @@ def main(ckpt: str, prompts_file: str, out: str) -> None:
     vllm = VllmRolloutEngine(model, tok, cfg.model, rollout, max_sequence_length=128,
                              params_dtype=torch.float32, seed=0,
                              log_dir=Path(out).parent)  # fmt: skip
-    res: dict = {"tp": tp, "startup_s": time.perf_counter() - start}
+    res: dict = {"tp": tp, "ep": parallel.ep, "startup_s": time.perf_counter() - start}
     greedy = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
     kat_out, vllm_out = kat.generate(prompts, greedy), vllm.generate(prompts, greedy)
     res["initial"] = _compare(kat_out, vllm_out, model, tp)
