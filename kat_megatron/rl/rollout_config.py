@@ -29,7 +29,9 @@ class RolloutConfig:
     """The Python of vLLM's virtual environment; None: env `KAT_VLLM_PYTHON`, else
     `<repo>/.venv-vllm/bin/python` (`make vllm`)."""
     tp: int = 1
-    """vLLM's own tensor-parallel size (independent of `parallel.tp`); only 1 is supported."""
+    """vLLM's own tensor-parallel size (independent of `parallel.tp`): each replica's worker
+    runs vLLM with this many ranks of its own (on CPU their OpenMP threads are bound to disjoint
+    slices of the worker's allowed cores unless `VLLM_CPU_OMP_THREADS_BIND` is set)."""
     refit_bucket_mb: float = 256.0
     """Shared-memory bucket (MiB) the refit packs HF tensors into; a larger tensor travels
     alone in a segment of its own size."""
@@ -41,8 +43,8 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine={self.engine!r}: unknown; known: {list(ENGINES)}")
-        if self.tp != 1:
-            raise ValueError(f"rollout.tp={self.tp}: only 1 is supported (vLLM on one device)")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"rollout.tp={self.tp!r}: expected an integer >= 1")
         bucket = self.refit_bucket_mb
         if isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or not bucket > 0:
             raise ValueError(f"rollout.refit_bucket_mb={bucket!r}: expected a number > 0")

@@ -91,6 +91,27 @@ def _reload_end(worker) -> None:
         finalize_layerwise_reload(_model(worker), worker.vllm_config.model_config)
 
 
+def _bind_cpu_threads(tp: int) -> None:
+    """vLLM's CPU build at TP > 1 binds each rank's OpenMP threads to a NUMA node by default
+    and refuses more ranks than nodes ("Not enough allowed NUMA nodes"); unless
+    `VLLM_CPU_OMP_THREADS_BIND` is set, give the ranks disjoint slices of this process's
+    allowed cores instead ("0|1" for two ranks on cores 0 and 1)."""
+    if tp <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        raise ValueError(f"rollout.tp={tp}: this worker may use {len(cores)} CPU core(s)")
+    k = len(cores) // tp
+    slices = [cores[i * k : (i + 1) * k] for i in range(tp)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in slices
+    )
+
+
 class Worker:
     """Holds the `LLM` and the attached shared-memory segments."""
 
@@ -113,6 +134,7 @@ class Worker:
             tensor_parallel_size=msg.get("tp", 1),
         )
         kwargs.update(msg.get("llm_kwargs") or {})
+        _bind_cpu_threads(kwargs["tensor_parallel_size"])
         self.llm = LLM(**kwargs)
         return {"version": vllm.__version__}
 

@@ -2,8 +2,8 @@
 
 The policy is test_rl_stage.py's SFT'd tiny-dense model (32-wide heads, which vLLM's CPU
 attention needs), from the same fixture: trained once per test session, shared by both modules.
-- Refit parity (`vllm_parity_worker.py`, TP=1 and TP=2 training layouts, and a MoE policy at
-  EP=2): on the same live
+- Refit parity (`vllm_parity_worker.py`, TP=1 and TP=2 training layouts, a MoE policy at
+  EP=2, and vLLM at its own TP=2): on the same live
   weights, vLLM's greedy completions equal kat's engine token for token, and its log-probs equal
   kat's and the trainer's full forward within 1e-5. Both run fp32 and differ in kernels (oneDNN
   GEMMs and vLLM's paged CPU attention against torch matmul and SDPA) and summation order,
@@ -62,16 +62,22 @@ pytestmark = pytest.mark.timeout(1200)
 
 
 @needs_vllm
-@pytest.mark.parametrize("layout", ["tp1", "tp2", "moe_ep2"])
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "moe_ep2", "tp1_vllm_tp2"])
 def test_refit_parity_with_megatron_engine(task, sft_ckpt, tmp_path, run_ranks, layout):  # noqa: F811
     """moe_ep2: a random tiny-qwen3-moe (Qwen3-MoE in vLLM) with its 8 experts over 2 ranks
-    (EP = DP = 2, a worker per replica): the refit gathers the expert-parallel shards."""
+    (EP = DP = 2, a worker per replica): the refit gathers the expert-parallel shards.
+    tp1_vllm_tp2: training at one rank, vLLM at its own TP=2 (`rl.rollout.tp`: two vLLM
+    ranks in the worker, each loading its shard of the refitted full tensors)."""
     out = tmp_path / "parity.json"
     ckpt = "moe" if layout == "moe_ep2" else sft_ckpt
-    run_ranks([Path(__file__).with_name("vllm_parity_worker.py"), ckpt,
-               task / "prompts.jsonl", out], nproc=int(layout[-1]), timeout=600)  # fmt: skip
+    nproc, vllm_tp = {"tp1": (1, 1), "tp2": (2, 1), "moe_ep2": (2, 1), "tp1_vllm_tp2": (1, 2)}[
+        layout
+    ]
+    run_ranks([Path(__file__).with_name("vllm_parity_worker.py"), ckpt, task / "prompts.jsonl",
+               out, str(vllm_tp)], nproc=nproc, timeout=600)  # fmt: skip
     r = json.loads(out.read_text())
-    assert (r["tp"], r["ep"]) == ((1, 2) if layout == "moe_ep2" else (int(layout[-1]), 1))
+    ep = 2 if layout == "moe_ep2" else 1
+    assert (r["tp"], r["ep"], r["rollout_tp"]) == (nproc // ep, ep, vllm_tp)
     print(json.dumps({k: v for k, v in r.items()}, indent=None))
     for phase in ("initial", "after_refit"):
         got = r[phase]

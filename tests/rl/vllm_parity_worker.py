@@ -70,7 +70,7 @@ def _compare(kat_out, vllm_out, model, tp: int) -> dict:
     }
 
 
-def main(ckpt: str, prompts_file: str, out: str) -> None:
+def main(ckpt: str, prompts_file: str, out: str, rollout_tp: str = "1") -> None:
     import torch.distributed as dist
 
     from kat_megatron.config.schema import ParallelConfig
@@ -104,11 +104,16 @@ def main(ckpt: str, prompts_file: str, out: str) -> None:
     prompts = [prompt_token_ids(tok, r.messages) for r in records]
     kat = RolloutEngine(model, tok, max_sequence_length=128, max_batch_size=8)
     start = time.perf_counter()
-    rollout = RolloutConfig(engine="vllm", refit_bucket_mb=0.1)
+    rollout = RolloutConfig(engine="vllm", refit_bucket_mb=0.1, tp=int(rollout_tp))
     vllm = VllmRolloutEngine(model, tok, cfg.model, rollout, max_sequence_length=128,
                              params_dtype=torch.float32, seed=0,
                              log_dir=Path(out).parent)  # fmt: skip
-    res: dict = {"tp": tp, "ep": parallel.ep, "startup_s": time.perf_counter() - start}
+    res: dict = {
+        "tp": tp,
+        "ep": parallel.ep,
+        "rollout_tp": int(rollout_tp),
+        "startup_s": time.perf_counter() - start,
+    }
     greedy = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
     kat_out, vllm_out = kat.generate(prompts, greedy), vllm.generate(prompts, greedy)
     res["initial"] = _compare(kat_out, vllm_out, model, tp)
@@ -150,4 +155,4 @@ def main(ckpt: str, prompts_file: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
