@@ -591,6 +591,10 @@ class RLConfig:
     max_reward_error_rate: float | None = None
     """Stop the run when a step's `reward_error_rate` (rewards that failed for an internal
     reason, e.g. the code sandbox, over every rollout scored) exceeds this; None: never."""
+    router_replay: bool = False
+    """MoE policies: route every token in the training forwards to the experts the rollout
+    engine chose when it sampled it (Megatron-Core's RouterReplay; `rl/router_replay.py`).
+    Needs rl.rollout.engine=megatron and parallel.tp=1."""
     packing: bool | None = None
     """Train on each micro-batch's prompt + response rows concatenated into one THD row
     without padding (`PackedSeqParams`, verl's remove-padding; docs/attention.md) instead of

@@ -96,6 +96,7 @@ class RolloutEngine:
         weight_sync: WeightSync | None = None,
         model_config: ModelConfig | None = None,
         seed: int = 0,
+        routing_recorder=None,
     ) -> None:
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
@@ -124,6 +125,9 @@ class RolloutEngine:
         if not isinstance(self.weight_sync, NoWeightSync) and model_config is None:
             raise ValueError("RolloutEngine: weight_sync needs model_config (HF tensor names)")
         self.seed = seed
+        self.routing_recorder = routing_recorder
+        """MoE router replay: `start(b, total, k)`, `add(start, end)` after each forward pass,
+        `routing(row, n)`, `stop()` (`rl.router_replay.EngineRecorder`); None: no recording."""
         self.weights_version = 0
         self.stats = {"calls": 0, "sequences": 0, "generated_tokens": 0, "forward_passes": 0,
                       "seconds": 0.0}  # fmt: skip
@@ -326,32 +330,43 @@ class RolloutEngine:
         wrapper.prep_model_for_inference()  # eval mode, context reset (prefill)
         inputs = wrapper.prep_inference_input(tokens)
         start, end = 0, min(lens)
-        while True:
-            window = wrapper.get_batch_for_context_window(inputs, start, end)
-            logits_bv = wrapper.forward_pass_without_pipeline_parallel(window)[:, -1, :]
-            self.stats["forward_passes"] += 1
-            active = [b for b in range(b_n) if not done[b] and lens[b] <= end]
-            if active:
-                rows = logits_bv[active]
-                ids_b = self._sample(rows, [params[b] for b in active],
-                                     [generators[b] for b in active])  # fmt: skip
-                ids, lps = self._tp_sync(ids_b, token_logprobs_b(rows, ids_b))
-                for b, tok, lp in zip(active, ids, lps):
-                    tokens[b, end] = tok
-                    gen[b].append(tok)
-                    logps[b].append(lp)
-                    if tok in stop_ids[b] or (stops[b] and stops[b].hit(gen[b])):
-                        done[b], finish[b] = True, "stop"
-                    elif len(gen[b]) >= limits[b]:
-                        done[b] = True
-                if on_step is not None:
-                    on_step([(index[b], gen[b][-1], logps[b][-1], finish[b] if done[b] else None)
-                             for b in active])  # fmt: skip
-            if all(done):
-                break
-            if not context.is_decode_only() and all(n <= end for n in lens):
-                context.enable_decode_mode()  # every prompt is in the cache
-            start, end = end, end + 1
+        rec = self.routing_recorder
+        if rec is not None:
+            rec.start(b_n, total, self.model.config.moe_router_topk)
+        try:
+            while True:
+                window = wrapper.get_batch_for_context_window(inputs, start, end)
+                logits_bv = wrapper.forward_pass_without_pipeline_parallel(window)[:, -1, :]
+                self.stats["forward_passes"] += 1
+                if rec is not None:
+                    rec.add(start, end)
+                active = [b for b in range(b_n) if not done[b] and lens[b] <= end]
+                if active:
+                    rows = logits_bv[active]
+                    ids_b = self._sample(rows, [params[b] for b in active],
+                                         [generators[b] for b in active])  # fmt: skip
+                    ids, lps = self._tp_sync(ids_b, token_logprobs_b(rows, ids_b))
+                    for b, tok, lp in zip(active, ids, lps):
+                        tokens[b, end] = tok
+                        gen[b].append(tok)
+                        logps[b].append(lp)
+                        if tok in stop_ids[b] or (stops[b] and stops[b].hit(gen[b])):
+                            done[b], finish[b] = True, "stop"
+                        elif len(gen[b]) >= limits[b]:
+                            done[b] = True
+                    if on_step is not None:
+                        on_step([(index[b], gen[b][-1], logps[b][-1], finish[b] if done[b] else None)
+                                 for b in active])  # fmt: skip
+                if all(done):
+                    break
+                if not context.is_decode_only() and all(n <= end for n in lens):
+                    context.enable_decode_mode()  # every prompt is in the cache
+                start, end = end, end + 1
+            routing = [rec.routing(b, lens[b] + len(gen[b]) - 1) if rec else None
+                       for b in range(b_n)]  # fmt: skip
+        finally:
+            if rec is not None:
+                rec.stop()
         return [
             Completion(
                 prompt_ids=list(prompts[b]),
@@ -359,6 +374,7 @@ class RolloutEngine:
                 logprobs=logps[b],
                 text=self.tokenizer.decode(gen[b]),
                 finish_reason=finish[b],
+                routing=routing[b],
             )
             for b in range(b_n)
         ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -54,3 +55,6 @@ class Completion:
     """Decoded `token_ids` (special tokens kept)."""
     finish_reason: str
     """"stop" (stop token or string) or "length" (max_new_tokens reached)."""
+    routing: Any = None
+    """MoE router replay (`rl/router_replay.py`): the experts of every position the engine fed,
+    `[layers, len(prompt_ids) + len(token_ids) - 1, top-k]`; None unless recorded."""

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kat_megatron.models.packed_seq import close_row
+from kat_megatron.rl import router_replay
 
 
 @dataclass
@@ -48,6 +50,9 @@ class RolloutSample:
     old_logprobs: list[float] | None = None
     """The trained policy's log p before this step's first update (rl.ppo_epochs /
     rl.mini_batches > 1); None: the training forward's own detached values."""
+    routing: Any = None
+    """MoE router replay: the experts the engine routed each input position to, `[L,
+    num_positions, k]` (`rl/router_replay.py`); None: the training forward routes itself."""
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
@@ -57,6 +62,10 @@ class RolloutSample:
                 raise ValueError(f"RolloutSample.{name}: {len(value)} values for {n} tokens")
         if not self.prompt_ids:
             raise ValueError("RolloutSample: empty prompt")
+        if self.routing is not None and self.routing.shape[1] != self.num_positions:
+            raise ValueError(
+                f"RolloutSample.routing: {self.routing.shape[1]} positions for {self.num_positions}"
+            )
 
     @property
     def num_positions(self) -> int:
@@ -94,6 +103,12 @@ def collate_rollouts(
     extra = [n for n, on in (("ref_logprobs", with_ref), ("old_logprobs", with_old)) if on]
     for name in extra:
         out[name] = torch.zeros(b, length)
+    routings = [s.routing if s is not None else None for s in samples]
+    if any(r is not None for r in routings):
+        if any(r is None for r, s in zip(routings, samples) if s is not None):
+            raise ValueError("collate_rollouts: router replay needs the routing of every sample")
+        k = next(r for r in routings if r is not None).shape[-1]
+        out["routing"] = router_replay.collate(routings, length, k)
     for i, s in enumerate(samples):
         if s is None:
             continue
@@ -129,6 +144,8 @@ def pack_rollouts(
         packed[:n] = out[key][valid]
         out[key] = packed.unsqueeze(0)
     out["valid"] = valid
+    if "routing" in out:
+        out["routing"] = router_replay.pack(out["routing"], valid, t)
     return out
 
 

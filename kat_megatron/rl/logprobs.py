@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from kat_megatron.losses.policy import PolicyLossConfig, policy_loss
+from kat_megatron.rl import router_replay
 from kat_megatron.rl.batching import unpack
 
 
@@ -148,7 +149,8 @@ def rl_forward_step(data_iterator, model, cfg: PolicyLossConfig):
 def _policy_logits(model, batch: dict) -> torch.Tensor:
     """Vocab-sharded logits `[b, s, V/tp]` (`[1, t, V/tp]` for a packed batch)."""
     params = batch.get("packed_seq_params")
-    return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
+    with router_replay.replaying(batch):  # MoE router replay: the rollout's experts
+        return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
 
 
 @torch.no_grad()

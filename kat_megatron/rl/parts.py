@@ -96,6 +96,8 @@ def check_rl(cfg: KatConfig) -> None:
             f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
         )
     packing_enabled(rl.packing, cfg.model, "rl.packing")
+    if rl.router_replay:
+        _check_router_replay(cfg, parts)
     new = parts.sampling.max_new_tokens
     if new >= rl.max_sequence_length:
         raise ValueError(
@@ -104,6 +106,22 @@ def check_rl(cfg: KatConfig) -> None:
         )
     if parts.rollout.engine == "vllm":
         _check_vllm_rollout(cfg, parts)
+
+
+def _check_router_replay(cfg: KatConfig, parts: RLParts) -> None:
+    """`rl.router_replay`: a MoE policy, the engine that reports its routing, one TP rank."""
+    if not cfg.model.is_moe:
+        raise ValueError("rl.router_replay: the policy has no MoE layers (model.num_moe_experts)")
+    if parts.rollout.engine != "megatron":
+        raise ValueError(
+            "rl.router_replay needs rl.rollout.engine=megatron (vLLM does not report the "
+            "experts it routed to)"
+        )
+    if cfg.parallel.tp != 1:
+        raise ValueError(
+            "rl.router_replay needs parallel.tp=1 (sequence parallelism splits the router's "
+            "tokens); use parallel.ep for the experts"
+        )
 
 
 def _check_vllm_rollout(cfg: KatConfig, parts: RLParts) -> None:

@@ -350,7 +350,12 @@ class RolloutCollector:
                 ref = grp.ref_logprobs[i] if grp.ref_logprobs is not None else None
                 out.append(
                     RolloutSample(
-                        grp.prompt_ids, list(c.token_ids), adv.tolist(), list(c.logprobs), ref
+                        grp.prompt_ids,
+                        list(c.token_ids),
+                        adv.tolist(),
+                        list(c.logprobs),
+                        ref,
+                        routing=c.routing,
                     )
                 )
         return out

@@ -37,6 +37,7 @@ from kat_megatron.config import KatConfig
 from kat_megatron.data.tokenizer import load_tokenizer
 from kat_megatron.inference.engine import RolloutEngine
 from kat_megatron.models.packed_seq import packing_enabled
+from kat_megatron.rl import router_replay
 from kat_megatron.rl.batching import (
     RolloutSample,
     microbatches,
@@ -99,6 +100,11 @@ def _prompt_records(cfg: KatConfig, run_dir: Path) -> tuple[list]:
 class RLTrainer(Trainer):
     """`RLTrainer(cfg).run()`: Step-SRPO / GRPO on the shared loop (see the module doc)."""
 
+    @staticmethod
+    def model_overrides(cfg: KatConfig) -> dict:
+        """`rl.router_replay`: the policy registers a RouterReplay per MoE layer."""
+        return router_replay.transformer_overrides() if cfg.rl.router_replay else {}
+
     def __init__(self, cfg: KatConfig) -> None:
         super().__init__(cfg, build_datasets=_prompt_records)
         rl = cfg.rl
@@ -109,6 +115,12 @@ class RLTrainer(Trainer):
         self.pad_multiple = pad_multiple_for(cfg.parallel.tp)
         self.packing = packing_enabled(rl.packing, cfg.model, "rl.packing")
         self.engine = self._build_engine()
+        if rl.router_replay:
+            log.info(
+                "router replay: the engine records and training replays the experts of %d MoE "
+                "layers",
+                router_replay.num_layers(),
+            )
         self.ref_model = self._build_reference() if self.loss_cfg.needs_ref else None
         prompts = self.datasets[0]
         self.sampler = PromptSampler(len(prompts), cfg.training.seed, rl.shuffle)
@@ -154,6 +166,7 @@ class RLTrainer(Trainer):
             max_batch_size=rl.engine_max_batch_size,
             params_dtype=dtype,
             seed=cfg.training.seed,
+            routing_recorder=router_replay.EngineRecorder() if rl.router_replay else None,
         )
 
     def run(self) -> list[dict[str, Any]]:

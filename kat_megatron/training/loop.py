@@ -185,6 +185,7 @@ class Trainer:
             cfg.training.precision,
             calculate_per_token_loss=True,
             **recompute_overrides(cfg.training.recompute, cfg.model),
+            **self.model_overrides(cfg),
         )
         chunks = build_model(cfg.model, cfg.parallel, cfg.training.precision, config=tcfg)
         self.model = wrap_ddp(cfg, chunks)
@@ -192,6 +193,11 @@ class Trainer:
         self.datasets = datasets if datasets is not None else build_datasets(cfg, self.run_dir)
         self.state = TrainState()
         self.stop = _StopFlag()
+
+    @staticmethod
+    def model_overrides(cfg: KatConfig) -> dict:
+        """Extra TransformerConfig fields of the trained model (a stage's trainer may add)."""
+        return {}
 
     def _resume(self) -> None:
         cfg = self.cfg

@@ -170,6 +170,7 @@ def test_rl_config_section(tmp_path):
         "rl.mini_batches=0": "rl.mini_batches",
         "parallel.pp=2": "stage rl: the colocated rollout engine needs parallel.pp=1",
         "rl.sampling.max_new_tokens=600": "rl.sampling.max_new_tokens=600 leaves no room",
+        "rl.router_replay=true": "rl.router_replay: the policy has no MoE layers",
     }
     for override, message in cases.items():
         with pytest.raises(ValueError, match=None) as info:
@@ -177,3 +178,10 @@ def test_rl_config_section(tmp_path):
         assert message in str(info.value), (override, str(info.value))
     with pytest.raises(ValueError, match="set rl.prompts"):
         load_run_config(None, ["stage=rl"])
+    moe = ["rl.router_replay=true", "model.preset=tiny-qwen3-moe"]
+    for extra, message in (
+        (["rl.rollout.engine=vllm"], "rl.router_replay needs rl.rollout.engine=megatron"),
+        (["parallel.tp=2", "parallel.ep=2"], "rl.router_replay needs parallel.tp=1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_run_config(path, moe + extra)
