@@ -307,26 +307,36 @@ def test_prefill_sampling_and_cli_errors(server, tmp_path, capsys):
     assert "unknown key 'samples_per_mode'" in capsys.readouterr().err
 
 
-def test_prefill_with_the_models_own_judge(server, tmp_path):
-    """`prefill_judge: null`: sample i asks for the model's judge first (stopped at </judge>,
-    the same request for both modes) and forces each mode after it. The scripted model is right
-    after its own judge only (the demo teacher's failure after a fixed text it never wrote):
-    both modes pass with its judge, where the fixed prefill makes them fail."""
-    own = "Steps help here."
-    bodies = []
+OWN_JUDGE = "Steps help here."
+
+
+def _own_judge_model(bodies: list, reasoning: str):
+    """A scripted AutoThink model (`/completions`) that answers 17 * 23 right only after its own
+    judge `OWN_JUDGE` (the demo teacher's failure after a fixed text it never wrote); asked at
+    `<judge>`, it writes that judge (the server would stop at </judge>). Request bodies are
+    appended to `bodies`."""
 
     def autothink(path, body):
         bodies.append(body)
         prompt = body["prompt"]
         if prompt.endswith("<judge>\n"):
-            return f"{own}\n</judge>\n\n<think_on>"  # the server would stop at </judge>
-        good = f"<judge>\n{own}\n</judge>" in prompt
+            return f"{OWN_JUDGE}\n</judge>\n\n<think_on>"
+        good = f"<judge>\n{OWN_JUDGE}\n</judge>" in prompt
         ans = "\\boxed{391}" if good else "\\boxed{1}"
         if prompt.endswith("<think>\n"):
-            return f"Working.\n</think>\n\n<answer>\n{ans}\n</answer>"
+            return f"{reasoning}\n</think>\n\n<answer>\n{ans}\n</answer>"
         return f"{ans}\n</answer>"
 
-    server.script = autothink
+    return autothink
+
+
+def test_prefill_with_the_models_own_judge(server, tmp_path):
+    """`prefill_judge: null`: sample i asks for the model's judge first (stopped at </judge>,
+    the same request for both modes) and forces each mode after it. The scripted model is right
+    after its own judge only (the demo teacher's failure after a fixed text it never wrote):
+    both modes pass with its judge, where the fixed prefill makes them fail."""
+    own, bodies = OWN_JUDGE, []
+    server.script = _own_judge_model(bodies, "Working.")
     inp = tmp_path / "q.jsonl"
     inp.write_text(json.dumps({"query": "Compute 17 * 23.", "reference": "391"}) + "\n")
     for judge, expect in ((None, (1.0, 1.0)), ("I will decide how to answer this query.", (0, 0))):
@@ -354,20 +364,8 @@ def test_synthesize_prefill_with_the_models_own_judge(server, tmp_path):
     model forced into the record's mode after its own judge (as `kat data tag`); the think text
     is its own reasoning. The scripted model is right after its own judge only, so the fixed
     judge text (what `kat serve`'s chat template prefills) leaves every record unverified."""
-    own = "Steps help here."
-    bodies = []
-
-    def autothink(path, body):
-        bodies.append(body)
-        prompt = body["prompt"]
-        if prompt.endswith("<judge>\n"):
-            return f"{own}\n</judge>\n\n<think_on>"
-        ans = "\\boxed{391}" if f"<judge>\n{own}\n</judge>" in prompt else "\\boxed{1}"
-        if prompt.endswith("<think>\n"):
-            return f"Multiply 17 by 23.\n</think>\n\n<answer>\n{ans}\n</answer>"
-        return f"{ans}\n</answer>"
-
-    server.script = autothink
+    bodies: list = []
+    server.script = _own_judge_model(bodies, "Multiply 17 by 23.")
     rows = [
         {"id": "on", "query": "Compute 17 * 23.", "reference": "391", "mode": "think_on"},
         {"id": "off", "query": "Compute 17 * 23.", "reference": "391", "mode": "think_off"},
