@@ -107,8 +107,7 @@ def collate_rollouts(
     if any(r is not None for r in routings):
         if any(r is None for r, s in zip(routings, samples) if s is not None):
             raise ValueError("collate_rollouts: router replay needs the routing of every sample")
-        k = next(r for r in routings if r is not None).shape[-1]
-        out["routing"] = router_replay.collate(routings, length, k)
+        out["routing"] = router_replay.collate(routings, length)
     for i, s in enumerate(samples):
         if s is None:
             continue

