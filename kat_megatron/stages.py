@@ -100,7 +100,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage("kd", "MTP-enhanced knowledge distillation", _kd_trainer, _check_kd),
         Stage("sft", "supervised fine-tuning on packed chat rows", _sft_trainer, _check_sft),
-        Stage("rl", "Step-SRPO / GRPO on the colocated rollout engine", _rl_trainer, _check_rl),
+        Stage("rl", "Step-SRPO / GRPO with megatron or vLLM rollouts", _rl_trainer, _check_rl),
     )
 }
 

@@ -164,6 +164,8 @@ class RolloutEngine:
         `on_step` receives each decode step's tokens as they are sampled (module docstring).
         """
         self.check_prompts(prompts)
+        if not prompts:  # nothing to do (the rollout collector calls with none on some ranks)
+            return []
         rows = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(rows) != len(prompts) or not all(isinstance(r, SamplingParams) for r in rows):
             raise ValueError(f"params: expected one SamplingParams or {len(prompts)} of them")

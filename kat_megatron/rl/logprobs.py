@@ -157,10 +157,26 @@ def _policy_logits(model, batch: dict) -> torch.Tensor:
 def forward_logprobs(model: list, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """log p(labels) `[b, s]` of each micro-batch through Megatron-Core's forward-only schedule.
 
-    Every rank of the TP group gets the same values (pipeline parallelism is not used by RL).
+    Every rank of the model-parallel group gets the same values: at PP > 1 the last stage
+    computes them and broadcasts them over the pipeline (the model's config must have
+    `variable_seq_lengths`: micro-batches differ in length, `RLTrainer.model_overrides`).
     """
     if not batches:
         return []
+    values = _forward_logprobs(model, batches)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [values if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None]
+        dist.broadcast_object_list(
+            box,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        values = box[0]
+    return values
+
+
+def _forward_logprobs(model: list, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """`forward_logprobs` on this rank (the last pipeline stage's values; [] on the others)."""
 
     def step(data_iterator, chunk):
         batch = next(data_iterator)

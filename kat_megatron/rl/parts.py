@@ -76,10 +76,12 @@ def check_rl(cfg: KatConfig) -> None:
     """Cross-section checks of `stage: rl` (one-line ValueErrors), after the parts validate."""
     rl, par = cfg.rl, cfg.parallel
     parts = build_parts(rl)
-    if par.pp != 1 or par.vpp is not None:
+    if par.vpp is not None:
+        raise ValueError("stage rl: parallel.vpp (interleaved pipeline stages) is not supported")
+    if par.pp != 1 and parts.rollout.engine != "vllm":
         raise ValueError(
-            "stage rl: the colocated rollout engine needs parallel.pp=1; use tensor and data "
-            "parallelism"
+            f"stage rl: parallel.pp={par.pp} needs rl.rollout.engine=vllm (the colocated "
+            "megatron engine runs at parallel.pp=1)"
         )
     if par.cp != 1:
         raise ValueError("stage rl: parallel.cp must be 1")

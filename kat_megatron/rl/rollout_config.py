@@ -23,8 +23,8 @@ class RolloutConfig:
 
     engine: str = "megatron"
     """`megatron`: kat's colocated engine on the trainer's live weights (no copy, no extra
-    dependency). `vllm`: a vLLM worker process per data-parallel replica, refitted in memory
-    after every optimizer step (`rl/vllm_engine.py`)."""
+    dependency). `vllm`: vLLM worker processes (`replicas`), refitted in memory after every
+    optimizer step (`rl/vllm_engine.py`)."""
     vllm_python: str | None = None
     """The Python of vLLM's virtual environment; None: env `KAT_VLLM_PYTHON`, else
     `<repo>/.venv-vllm/bin/python` (`make vllm`)."""
@@ -32,6 +32,10 @@ class RolloutConfig:
     """vLLM's own tensor-parallel size (independent of `parallel.tp`): each replica's worker
     runs vLLM with this many ranks of its own (on CPU their OpenMP threads are bound to disjoint
     slices of the worker's allowed cores unless `VLLM_CPU_OMP_THREADS_BIND` is set)."""
+    replicas: int | None = None
+    """vLLM workers over the whole job (`rl/vllm_replicas.py`): None = one per data-parallel
+    replica; a divisor of the data-parallel size shares a worker between consecutive replicas
+    (its owner gathers their prompts); a multiple gives each replica several workers."""
     refit_bucket_mb: float = 256.0
     """Shared-memory bucket (MiB) the refit packs HF tensors into; a larger tensor travels
     alone in a segment of its own size."""
@@ -45,6 +49,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.engine={self.engine!r}: unknown; known: {list(ENGINES)}")
         if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
             raise ValueError(f"rollout.tp={self.tp!r}: expected an integer >= 1")
+        r = self.replicas
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"rollout.replicas={r!r}: expected an integer >= 1 or null")
         bucket = self.refit_bucket_mb
         if isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or not bucket > 0:
             raise ValueError(f"rollout.refit_bucket_mb={bucket!r}: expected a number > 0")

@@ -118,15 +118,28 @@ def all_gather_dp(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_tp(obj: Any) -> Any:
-    """`obj` of the first rank of this rank's tensor-parallel group, on all of its ranks."""
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+def _mp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size() * (
+        parallel_state.get_pipeline_model_parallel_world_size()
+    )
+
+
+def is_mp_src() -> bool:
+    """Whether this rank is the first of its model-parallel group (tensor x pipeline ranks of
+    one replica): the one that scores rollouts and owns a vLLM worker."""
+    return _mp_size() == 1 or dist.get_rank() == parallel_state.get_model_parallel_src_rank()
+
+
+def broadcast_mp(obj: Any) -> Any:
+    """`obj` of the first rank of this rank's model-parallel group (its TP x PP ranks), on all
+    of them: every pipeline stage of a replica trains on the same rollouts."""
+    if _mp_size() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(
         box,
-        src=parallel_state.get_tensor_model_parallel_src_rank(),
-        group=parallel_state.get_tensor_model_parallel_group(),
+        src=parallel_state.get_model_parallel_src_rank(),
+        group=parallel_state.get_model_parallel_group(),
     )
     return box[0]
 
@@ -185,21 +198,23 @@ class RolloutCollector:
             Group((rnd, k), pos, self.prompts[idx], self.prompt_ids(idx), [])
             for k, (pos, idx) in list(enumerate(draw))[lo:hi]
         ]
-        if not groups:
-            return [], 0.0
         base = rollout_seed(self.seed, "rollout")
         prompts = [grp.prompt_ids for grp in groups for _ in range(g)]
         seeds = [request_seed(base, grp.position * g + j) for grp in groups for j in range(g)]
         start = time.perf_counter()
+        # called with no prompts too: a vLLM worker shared by several replicas
+        # (rl.rollout.replicas) and the first refit are collective over them
         out = self.engine.generate(prompts, self.params, seeds=seeds)
         elapsed = time.perf_counter() - start
+        if not groups:
+            return [], 0.0
         for i, grp in enumerate(groups):
             grp.completions = out[i * g : (i + 1) * g]
         return groups, elapsed
 
     def _score(self, groups: list[Group]) -> None:
         scores = None
-        if parallel_state.get_tensor_model_parallel_rank() == 0:
+        if is_mp_src():
             scores = [
                 [
                     score_rollout(
@@ -209,20 +224,20 @@ class RolloutCollector:
                 ]
                 for grp in groups
             ]
-        for grp, sc in zip(groups, broadcast_tp(scores)):
+        for grp, sc in zip(groups, broadcast_mp(scores)):
             grp.scores = sc
 
     def _probe(self, groups: list[Group]) -> tuple[int, float, int]:
         """Forced-mode probes for groups lacking a mode: (count, seconds, tokens)."""
         k = self.rl.forced_probes
+        if not k:
+            return 0, 0.0, 0
         jobs = []  # (group, missing mode)
-        for grp in groups if k else []:
+        for grp in groups:
             if grp.reward_error is not None:  # dropped: its mode evidence is never used
                 continue
             present = {s.mode for s in grp.scores}
             jobs += [(grp, m) for m in MODES if m not in present]
-        if not jobs:
-            return 0, 0.0, 0
         base = rollout_seed(self.seed, "probe")
         prefixes = {m: forced_mode_prefix(m) for m in MODES}
         prefix_ids = {m: encode_text(self.tokenizer, p) for m, p in prefixes.items()}
@@ -232,10 +247,12 @@ class RolloutCollector:
                 prompts.append(grp.prompt_ids + prefix_ids[m])
                 seeds.append(request_seed(base, (grp.position * 2 + MODES.index(m)) * k + j))
         start = time.perf_counter()
-        out = self.engine.generate(prompts, self.params, seeds=seeds)
+        out = self.engine.generate(prompts, self.params, seeds=seeds)  # also with none
         elapsed = time.perf_counter() - start
+        if not jobs:
+            return 0, 0.0, 0
         scored = None
-        if parallel_state.get_tensor_model_parallel_rank() == 0:
+        if is_mp_src():
             scored = [
                 score_rollout(
                     prefixes[m] + c.text,
@@ -247,7 +264,7 @@ class RolloutCollector:
                 )
                 for (grp, m), c in zip([jb for jb in jobs for _ in range(k)], out)
             ]
-        scored = broadcast_tp(scored)
+        scored = broadcast_mp(scored)
         for i, (grp, _) in enumerate(jobs):
             grp.probes = grp.probes + scored[i * k : (i + 1) * k]
         return len(out), elapsed, sum(len(c.token_ids) for c in out)

@@ -92,6 +92,19 @@ def _pop_max(losses: list[dict], key: str) -> float | None:
     return value if value >= 0 else None
 
 
+def _pipeline_overrides(cfg: KatConfig) -> dict:
+    """TransformerConfig fields of stage rl's models at PP > 1: Megatron-Core's pipeline
+    schedules then send each micro-batch's activation shape before the activation (the rows of
+    a micro-batch are padded to its own longest rollout, not to one length). Megatron-Core
+    refuses that next to its default (allgather) token dispatcher even in a dense model, which
+    has no dispatcher: a dense model names alltoall; a MoE model keeps
+    model.moe_token_dispatcher_type."""
+    if cfg.parallel.pp == 1:
+        return {}
+    dense = {} if cfg.model.is_moe else {"moe_token_dispatcher_type": "alltoall"}
+    return {"variable_seq_lengths": True, **dense}
+
+
 def _prompt_records(cfg: KatConfig, run_dir: Path) -> tuple[list]:
     """The RL prompt records (`rl.prompts`), validated: the trainer's one "dataset"."""
     return (load_prompts(cfg.rl.prompts),)
@@ -102,8 +115,10 @@ class RLTrainer(Trainer):
 
     @staticmethod
     def model_overrides(cfg: KatConfig) -> dict:
-        """`rl.router_replay`: the policy registers a RouterReplay per MoE layer."""
-        return router_replay.transformer_overrides() if cfg.rl.router_replay else {}
+        """`rl.router_replay`: the policy registers a RouterReplay per MoE layer; at PP > 1 the
+        stages exchange each micro-batch's shape (rollout rows differ in length)."""
+        out = router_replay.transformer_overrides() if cfg.rl.router_replay else {}
+        return {**out, **_pipeline_overrides(cfg)}
 
     def __init__(self, cfg: KatConfig) -> None:
         super().__init__(cfg, build_datasets=_prompt_records)
@@ -188,7 +203,9 @@ class RLTrainer(Trainer):
                 "(or checkpoint.load, the initial policy)"
             )
         path = resolve_checkpoint(path)  # a run directory or checkpoints/ folder: its newest
-        ref = load_frozen_model(path, cfg.model, cfg.parallel, cfg.training.precision)
+        ref = load_frozen_model(
+            path, cfg.model, cfg.parallel, cfg.training.precision, **_pipeline_overrides(cfg)
+        )
         log.info("reference policy for the KL terms: %s", path)
         return ref
 

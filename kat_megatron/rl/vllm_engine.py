@@ -2,7 +2,7 @@
 
 `VllmRolloutEngine(model, tokenizer, model_config, rollout, ...)` has the `RolloutEngine`
 interface the collector uses (`generate(prompts, params, seeds=)`, `refit()`). The first rank of
-each tensor-parallel group (every data-parallel replica has its own) starts one long-lived
+each model-parallel group (every data-parallel replica has its own) starts one long-lived
 worker, `.venv-vllm/bin/python -P kat_megatron/rl/vllm_worker.py` (`rl.rollout.vllm_python`,
 else env `KAT_VLLM_PYTHON`, else `<repo>/.venv-vllm/bin/python`), and talks to it over a
 `multiprocessing.connection` Unix socket (pickled dicts of ids and floats, never tensors):
@@ -12,7 +12,7 @@ else env `KAT_VLLM_PYTHON`, else `<repo>/.venv-vllm/bin/python`), and talks to i
 - `generate`: token-id prompts, per-request seeds and the same `SamplingParams` fields as the
   megatron engine (temperature, top_p, top_k, max_new_tokens, stop_token_ids; stop strings are
   refused by `check_rollout`); vLLM returns the sampled ids and their log-probs, which the first
-  TP rank broadcasts to its group;
+  model-parallel rank broadcasts to its group (TP x PP ranks);
 - `refit()`, after every optimizer step: the policy is gathered one parameter at a time into HF
   names and full tensors (`inference.weight_sync.iter_hf_tensors`, the exporter's mapping; a
   collective over TP) and packed into a `multiprocessing.shared_memory` segment of
@@ -20,11 +20,11 @@ else env `KAT_VLLM_PYTHON`, else `<repo>/.venv-vllm/bin/python`), and talks to i
   reload and the model's `load_weights`) before the next is packed, so one bucket plus one
   parameter is the most of the model alive outside the trainer at once. A tensor larger than the
   bucket gets a segment of its own size.
-Supported: training at pp=1 (any TP and EP; at EP > 1 every replica takes part in the gather,
-expert-parallel groups span them), vLLM at tensor parallelism 1. The gather itself also handles
-PP and VPP, delivering to `weight_sync.is_refit_owner`, the rank that owns the worker; stage rl
-does not run at pp > 1 yet. vLLM's CPU MoE kernels need their prepack redone on a reload
-(`vllm_worker._forget_cpu_moe_kernels`).
+Supported: training at any TP, PP and EP (at EP > 1 every replica takes part in the gather,
+expert-parallel groups span them; at PP > 1 the stages take turns sending their layers to the
+owner, `weight_sync.is_refit_owner`: tensor and pipeline rank 0, which also leads the
+model-parallel group the rollouts are broadcast over), vLLM at its own `rl.rollout.tp`. vLLM's
+CPU MoE kernels need their prepack redone on a reload (`vllm_worker._forget_cpu_moe_kernels`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
 from kat_megatron.checkpoint.hf_config import hf_config_for, hf_spec_for
@@ -54,7 +53,8 @@ from kat_megatron.inference.sampling import request_seed
 from kat_megatron.inference.types import Completion, SamplingParams
 from kat_megatron.inference.weight_sync import is_refit_owner, iter_hf_tensors
 from kat_megatron.rl.rollout_config import RolloutConfig, resolve_vllm_python
-from kat_megatron.rl.rollouts import broadcast_tp
+from kat_megatron.rl.rollouts import broadcast_mp, is_mp_src
+from kat_megatron.rl.vllm_replicas import ReplicaPlan, split
 
 log = logging.getLogger("kat")
 
@@ -108,8 +108,19 @@ class VllmWorker:
 
     def call(self, op: str, **kwargs: Any) -> dict:
         """Send one request and wait for its answer; the worker's errors raise here."""
+        self.send(op, **kwargs)
+        return self.recv(op)
+
+    def send(self, op: str, **kwargs: Any) -> None:
+        """Send one request (`recv` its answer: several workers can work at once)."""
         try:
             self.conn.send({"op": op, **kwargs})
+        except (EOFError, OSError) as err:
+            raise RuntimeError(f"vLLM worker gone during {op!r} ({err}): {self.tail()}") from None
+
+    def recv(self, op: str) -> dict:
+        """The answer to the request `op` sent last; the worker's errors raise here."""
+        try:
             reply = self.conn.recv()
         except (EOFError, OSError) as err:
             raise RuntimeError(f"vLLM worker gone during {op!r} ({err}): {self.tail()}") from None
@@ -132,11 +143,19 @@ class VllmWorker:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-class _Buckets:
-    """Packs (name, tensor) pairs into a shared-memory segment and sends each full one."""
+def call_all(workers: list[VllmWorker], op: str, **kwargs: Any) -> list[dict]:
+    """`op` on every worker at once (all sent, then all answers)."""
+    for w in workers:
+        w.send(op, **kwargs)
+    return [w.recv(op) for w in workers]
 
-    def __init__(self, worker: VllmWorker, capacity: int) -> None:
-        self.worker = worker
+
+class _Buckets:
+    """Packs (name, tensor) pairs into a shared-memory segment and sends each full one to every
+    worker of this owner (they read the same segment)."""
+
+    def __init__(self, workers: list[VllmWorker], capacity: int) -> None:
+        self.workers = workers
         self.capacity = capacity
         self.shm: shared_memory.SharedMemory | None = None
         self.entries: list[tuple] = []
@@ -167,7 +186,7 @@ class _Buckets:
     def flush(self) -> None:
         if not self.entries:
             return
-        self.worker.call("refit_bucket", shm=self.shm.name, tensors=self.entries)
+        call_all(self.workers, "refit_bucket", shm=self.shm.name, tensors=self.entries)
         self.sent_bytes += self.used
         self.buckets += 1
         self.entries, self.used = [], 0
@@ -194,11 +213,9 @@ class VllmRolloutEngine:
         seed: int = 0,
         log_dir: str | Path = ".",
     ) -> None:
-        if isinstance(model, (list, tuple)):
-            if len(model) != 1:
-                raise ValueError("VllmRolloutEngine: expected one model chunk (pp=1, no vpp)")
-            model = model[0]
-        self.model = unwrap_model(model)
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.model = unwrap_model(chunks)
+        """This rank's model chunks (one per virtual pipeline stage)."""
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.rollout = rollout
@@ -209,18 +226,22 @@ class VllmRolloutEngine:
         self.stats = {"calls": 0, "sequences": 0, "generated_tokens": 0, "seconds": 0.0,
                       "refits": 0, "refit_seconds": 0.0, "refit_bytes": 0,
                       "refit_buckets": 0}  # fmt: skip
-        self.owner = is_refit_owner()
-        self.worker: VllmWorker | None = None
+        if is_refit_owner() != is_mp_src():  # the refit's owner generates and broadcasts
+            raise RuntimeError(
+                "VllmRolloutEngine: the refit owner must lead its model-parallel group"
+            )
+        self.plan = ReplicaPlan.build(rollout.replicas, is_mp_src())
+        self.owner = self.plan.owner
+        """This rank starts and feeds `plan.per_owner` workers."""
+        self.workers: list[VllmWorker] = []
         self._config_dir: str | None = None
         if self.owner:
-            self._start(
-                Path(log_dir) / f"vllm_worker_dp{parallel_state.get_data_parallel_rank()}.log"
-            )
+            self._start(Path(log_dir))
         self._loaded = False
         """Whether the worker holds the current weights: the first `generate` sends them (the
         trainer loads its checkpoint after building the engine; the worker starts dummy)."""
 
-    def _start(self, log_path: Path) -> None:
+    def _start(self, log_dir: Path) -> None:
         python = resolve_vllm_python(self.rollout.vllm_python)
         self._config_dir = tempfile.mkdtemp(prefix="kat-vllm-config-")
         spec = hf_spec_for(self.model_config)
@@ -237,8 +258,12 @@ class VllmRolloutEngine:
             self._config_dir
         )
         start = time.perf_counter()
-        self.worker = VllmWorker(python, log_path, self.rollout.startup_timeout_s)
-        reply = self.worker.call(
+        first = self.plan.first_index
+        paths = [log_dir / f"vllm_worker_{first + j}.log" for j in range(self.plan.per_owner)]
+        for path in paths:  # connected in turn; their vLLM start-ups (init) run at once
+            self.workers.append(VllmWorker(python, path, self.rollout.startup_timeout_s))
+        replies = call_all(
+            self.workers,
             "init",
             model_dir=self._config_dir,
             dtype=_DTYPE_NAMES[self.params_dtype],
@@ -248,10 +273,11 @@ class VllmRolloutEngine:
             llm_kwargs=dict(self.rollout.vllm_args),
         )
         log.info(
-            "vLLM %s rollout worker up in %.1f s (log %s)",
-            reply["version"],
+            "vLLM %s rollout worker(s) %s up in %.1f s (log %s)",
+            replies[0]["version"],
+            ", ".join(str(first + j) for j in range(len(paths))),
             time.perf_counter() - start,
-            log_path,
+            ", ".join(map(str, paths)),
         )
 
     # ----------------------------------------------------------------------------- generate
@@ -262,9 +288,9 @@ class VllmRolloutEngine:
         *,
         seeds: list[int] | None = None,
     ) -> list[Completion]:
-        """Completions of `prompts` (token ids), in order; collective over the TP group. Seeds
-        as `RolloutEngine.generate`: `seeds[i]`, else `request_seed(params.seed, i)`, else
-        from the engine's seed and call counter."""
+        """Completions of `prompts` (token ids), in order; collective over the model-parallel
+        group. Seeds as `RolloutEngine.generate`: `seeds[i]`, else `request_seed(params.seed,
+        i)`, else from the engine's seed and call counter."""
         rows = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(rows) != len(prompts):
             raise ValueError(f"params: expected one SamplingParams or {len(prompts)} of them")
@@ -284,7 +310,7 @@ class VllmRolloutEngine:
                     f"prompts[{i}]: {len(p)} tokens leave no room to generate within "
                     f"max_sequence_length={self.max_sequence_length}"
                 )
-        if self.owner and prompts:
+        if self.plan.source and (prompts or self.plan.group is not None):
             specs = [
                 {
                     "temperature": r.temperature,
@@ -296,9 +322,12 @@ class VllmRolloutEngine:
                 }
                 for r, p, s in zip(rows, prompts, seeds)
             ]
-            reply = self.worker.call("generate", prompts=[list(p) for p in prompts], params=specs)
-            outputs = reply["outputs"]
-        outputs = broadcast_tp(outputs) if prompts else []
+            parts = self.plan.gather([(list(p), sp) for p, sp in zip(prompts, specs)])
+            if self.owner:  # this block's requests, in source order
+                done = iter(self._run([r for part in parts for r in part]))
+                parts = [[next(done) for _ in part] for part in parts]
+            outputs = self.plan.scatter(parts)
+        outputs = broadcast_mp(outputs) if prompts else []
         out = [
             Completion(
                 prompt_ids=list(p),
@@ -314,10 +343,19 @@ class VllmRolloutEngine:
         self.stats["generated_tokens"] += sum(len(c.token_ids) for c in out)
         return out
 
+    def _run(self, requests: list[tuple]) -> list[dict]:
+        """Outputs of (prompt ids, sampling spec) `requests` from this owner's workers, each
+        taking a contiguous share."""
+        shares = split(requests, len(self.workers))
+        busy = [(w, part) for w, part in zip(self.workers, shares) if part]
+        for w, part in busy:
+            w.send("generate", prompts=[p for p, _ in part], params=[sp for _, sp in part])
+        return [o for w, _ in busy for o in w.recv("generate")["outputs"]]
+
     # ----------------------------------------------------------------------------- refit
     def refit(self) -> None:
-        """Send the current policy to the worker (collective over the TP group; see the module
-        doc). Call after every optimizer step."""
+        """Send the current policy to the worker (collective over the model-parallel and
+        expert-parallel groups; see the module doc). Call after every optimizer step."""
         self.weights_version += 1
         self._push()
 
@@ -326,15 +364,15 @@ class VllmRolloutEngine:
         start = time.perf_counter()
         buckets = None
         if self.owner:
-            self.worker.call("refit_begin")
-            buckets = _Buckets(self.worker, int(self.rollout.refit_bucket_mb * 2**20))
+            call_all(self.workers, "refit_begin")
+            buckets = _Buckets(self.workers, int(self.rollout.refit_bucket_mb * 2**20))
         try:
             for name, tensor in iter_hf_tensors(self.model, self.model_config):
                 if buckets is not None:
                     buckets.add(name, tensor.to(self.params_dtype))
             if buckets is not None:
                 buckets.flush()
-                self.worker.call("refit_end")
+                call_all(self.workers, "refit_end")
         finally:
             if buckets is not None:
                 buckets.release()
@@ -353,10 +391,9 @@ class VllmRolloutEngine:
             )
 
     def close(self) -> None:
-        """Stop the worker (idempotent)."""
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
+        """Stop the workers (idempotent)."""
+        while self.workers:
+            self.workers.pop().close()
         if self._config_dir is not None:
             shutil.rmtree(self._config_dir, ignore_errors=True)
             self._config_dir = None

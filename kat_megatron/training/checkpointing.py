@@ -190,15 +190,22 @@ def load_checkpoint(
 
 
 def load_frozen_model(
-    path: str | Path, model: ModelConfig, parallel: ParallelConfig, precision: str = "auto"
+    path: str | Path,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: str = "auto",
+    **overrides,
 ) -> list:
     """This rank's chunks of `model` at layout `parallel` with the weights of checkpoint `path`
     (resharded to the layout), in eval mode with gradients off: a reference policy, a KD
     teacher, an inference or verification model. Built without random initialisation (the
-    weights are all overwritten); Megatron-Core's groups must be initialised for `parallel`."""
+    weights are all overwritten); Megatron-Core's groups must be initialised for `parallel`.
+    `overrides`: extra TransformerConfig fields (e.g. `variable_seq_lengths`)."""
     from kat_megatron.models.builder import build_model, transformer_config
 
-    config = transformer_config(model, parallel, precision, perform_initialization=False)
+    config = transformer_config(
+        model, parallel, precision, perform_initialization=False, **overrides
+    )
     chunks = build_model(model, parallel, precision, config=config)
     load_checkpoint(path, chunks)
     for chunk in chunks:

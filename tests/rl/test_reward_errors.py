@@ -169,8 +169,7 @@ class ScriptedEngine:
 
 def collector(monkeypatch, tokenizer, script, probes=None, **rl_fields) -> RolloutCollector:
     monkeypatch.setattr(rollouts, "_dp", lambda: (0, 1, None))
-    monkeypatch.setattr(rollouts.parallel_state, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(rollouts.parallel_state, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(rollouts, "_mp_size", lambda: 1)  # one rank: no model-parallel group
     prompts = [
         PromptRecord(f"q{k}", [{"role": "user", "content": f"question {k}"}], "all", dict(META))
         for k in sorted(script)

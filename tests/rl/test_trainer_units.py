@@ -168,7 +168,7 @@ def test_rl_config_section(tmp_path):
         "rl.group_size=1": "rl.group_size=1: expected >= 2",
         "rl.ppo_epochs=0": "rl.ppo_epochs",
         "rl.mini_batches=0": "rl.mini_batches",
-        "parallel.pp=2": "stage rl: the colocated rollout engine needs parallel.pp=1",
+        "parallel.pp=2": "stage rl: parallel.pp=2 needs rl.rollout.engine=vllm",
         "rl.sampling.max_new_tokens=600": "rl.sampling.max_new_tokens=600 leaves no room",
         "rl.router_replay=true": "rl.router_replay: the policy has no MoE layers",
     }
@@ -176,6 +176,9 @@ def test_rl_config_section(tmp_path):
         with pytest.raises(ValueError, match=None) as info:
             load_run_config(path, [override])
         assert message in str(info.value), (override, str(info.value))
+    vpp = ["parallel.pp=2", "parallel.vpp=2", "rl.rollout.engine=vllm"]
+    with pytest.raises(ValueError, match=r"stage rl: parallel.vpp \(interleaved pipeline"):
+        load_run_config(path, vpp)
     with pytest.raises(ValueError, match="set rl.prompts"):
         load_run_config(None, ["stage=rl"])
     moe = ["rl.router_replay=true", "model.preset=tiny-qwen3-moe"]
