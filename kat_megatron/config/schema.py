@@ -91,6 +91,12 @@ class ModelConfig:
     """None, `hybrid` or `e4m3` (needs backend te and CUDA)."""
     fp8_recipe: str = "delayed"
     """`delayed`, `tensorwise` or `blockwise`."""
+    fp8_param: bool = False
+    """FP8 primary weights (Megatron-Core's `fp8_param`, built under TE's `fp8_model_init`; DDP
+    `fp8_param_gather`): the linear layers' parameters are TE Float8Tensors (1 byte each, the
+    fp32 main copy stays in the optimizer), so no bf16 copy is kept beside the FP8 one and the
+    distributed optimizer all-gathers FP8 bytes. Needs model.fp8 (Megatron-Bridge's `fp8_cs`
+    precision sets it)."""
 
     def __post_init__(self) -> None:
         s = "model"
@@ -149,6 +155,13 @@ class ModelConfig:
             _positive(s, "mtp_num_layers", self.mtp_num_layers, allow_zero=True)
         if self.fp8 is not None and self.backend == "local":
             raise ValueError("model.fp8 needs Transformer Engine: set model.backend=te (or auto)")
+        if self.fp8_param not in (True, False):
+            raise ValueError(f"model.fp8_param={self.fp8_param!r}: expected true or false")
+        if self.fp8_param and self.fp8 is None:
+            raise ValueError(
+                "model.fp8_param=true keeps the weights in FP8 and needs FP8 training: "
+                "set model.fp8 (hybrid or e4m3)"
+            )
         if self.swiglu_fusion not in (None, True, False):
             raise ValueError(
                 f"model.swiglu_fusion={self.swiglu_fusion!r}: expected true, false or null"
@@ -648,6 +661,12 @@ class KatConfig:
             raise ValueError(
                 "optimizer.grad_reduce_dtype=bf16 needs bf16 parameters "
                 f"(training.precision={self.training.precision}); use fp32"
+            )
+        if self.model.fp8_param and not self.parallel.use_distributed_optimizer:
+            raise ValueError(
+                "model.fp8_param=true needs parallel.use_distributed_optimizer=true (Megatron-"
+                "Core keeps the fp32 main weights in the distributed optimizer's shards and "
+                "all-gathers the FP8 bytes)"
             )
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(

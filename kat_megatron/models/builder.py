@@ -156,7 +156,7 @@ def transformer_config(
             moe_permute_fusion=False,
         )
     if model.fp8 is not None:
-        kw.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
+        kw.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe, fp8_param=model.fp8_param)
     kw.update(overrides)
     if model.is_moe and kw.get("calculate_per_token_loss") and parallel.sp:
         # Megatron-Core 0.16.1 (moe/router.py) scales the per-token aux loss by the *local*

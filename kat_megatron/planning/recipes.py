@@ -134,8 +134,10 @@ class Recipe:
     """kat's nearest setting to the recipe's (`none` where the recipe sets none)."""
     precision: str
     """`BF16`, or `FP8-CS` (Megatron-Bridge's `bf16_with_fp8_current_scaling_mixed`: FP8 hybrid,
-    per-tensor current scaling, every layer in FP8): kat's `model.fp8=hybrid`,
-    `model.fp8_recipe=tensorwise` (`planning_model`)."""
+    per-tensor current scaling, every layer in FP8, FP8 primary weights: the perf scripts'
+    `get_precision_config("fp8_cs")` in scripts/performance/utils/precision.py sets
+    `fp8_param_gather=True` and `first_last_layers_bf16=False`): kat's `model.fp8=hybrid`,
+    `model.fp8_recipe=tensorwise`, `model.fp8_param=true` (`planning_model`)."""
     source: str
     published: Published = field(default_factory=Published)
     note: str = ""
@@ -162,7 +164,7 @@ class Recipe:
     def planning_model(self) -> ModelConfig:
         """The model as kat would train it at this precision."""
         if self.precision == "FP8-CS":
-            return replace(self.model, fp8="hybrid", fp8_recipe="tensorwise")
+            return replace(self.model, fp8="hybrid", fp8_recipe="tensorwise", fp8_param=True)
         return self.model
 
     @property

@@ -22,6 +22,13 @@ Reproduces Megatron-Core 0.16.1's allocation rules for the DDP and optimizer set
 
 Per parameter that is 2 + 4 + 12/DP bytes with bf16 and the distributed optimizer (2 + 2 + 12/DP
 with bf16 gradients), 18 without (16).
+
+FP8 (`model.fp8`): every FP8 linear weight adds its FP8 copy and transpose (2 bytes). With FP8
+primary weights (`model.fp8_param`, DDP `fp8_param_gather`) Megatron-Core's DDP puts those
+weights in a buffer of their own with dtype uint8 (`distributed_data_parallel.py` groups by
+(param dtype, grad dtype)): 1 byte per parameter element instead of 2, and TE caches only the
+transpose (1 byte): 2 bytes per FP8 element fewer than bf16 weights with FP8 compute. That
+buffer's own end padding (< lcm(DP, 128) elements) is not counted.
 With explicit `dp_rank`s the count is exact for that rank; without, each shard is its full size
 S (an upper bound that differs from the exact count by the padding inside one shard).
 """
@@ -58,7 +65,9 @@ class StaticMemory:
     fp8_weight_bytes: int = 0
     """`model.fp8`: Transformer Engine's FP8 copies of the linear weights, cached for the whole
     step (Megatron-Core passes `is_first_microbatch`): the FP8 weight and, on Hopper, its FP8
-    transpose for the backward GEMMs, 2 bytes per element beside the bf16 parameter."""
+    transpose for the backward GEMMs, 2 bytes per element beside the bf16 parameter. With
+    `model.fp8_param` the parameter itself is the FP8 weight (1 byte, in `params_bytes`) and
+    only the transpose is cached: 1 byte per element."""
 
     @property
     def optimizer_bytes(self) -> int:
@@ -203,6 +212,7 @@ FP8_LINEARS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "
 """Weights of the layers Transformer Engine runs in FP8 (decoder and MTP layers; the router,
 the embedding and the output layer stay in bf16; MTP's `eh_proj` is left out, one h x 2h)."""
 FP8_WEIGHT_BYTES = 2  # FP8 data + FP8 transpose (Hopper has no non-TN FP8 GEMM)
+FP8_PARAM_CACHE_BYTES = 1  # fp8_param: the parameter is the FP8 data; the transpose is cached
 
 
 def _fp8_numel(chunk: list[Group]) -> int:
@@ -248,6 +258,10 @@ def static_memory(
             expert=True,
             grad_bytes=grad_bytes,
         )
-        if model.fp8 is not None:
+        if model.fp8 is not None and model.fp8_param:
+            n = _fp8_numel(chunk)
+            total.params_bytes -= (param_bytes - 1) * n
+            total.fp8_weight_bytes += FP8_PARAM_CACHE_BYTES * n
+        elif model.fp8 is not None:
             total.fp8_weight_bytes += FP8_WEIGHT_BYTES * _fp8_numel(chunk)
     return total

@@ -40,6 +40,7 @@ def wrap_ddp(cfg: KatConfig, chunks: list[MegatronModule]) -> list[DistributedDa
         grad_reduce_in_fp32=grad_reduce_in_fp32(cfg, chunks[0].config.params_dtype),
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        fp8_param_gather=cfg.model.fp8_param,
         check_for_nan_in_grad=True,
         bucket_size=None,
     )

@@ -68,3 +68,35 @@ def test_fp8_weight_copies_are_static():
     assert base.fp8_weight_bytes == 0
     assert got.fp8_weight_bytes == 2 * bf16.num_layers * (qkv + proj + mlp)
     assert got.total_bytes - base.total_bytes == got.fp8_weight_bytes
+
+
+def test_fp8_primary_weights_replace_the_bf16_copy():
+    """`model.fp8_param`: each FP8 linear weight is 1 byte (the parameter is the FP8 data) plus
+    its cached FP8 transpose (1 byte), instead of bf16 (2) + FP8 data and transpose (2); the
+    gradient, main copy and moments are unchanged."""
+    bf16, fp8 = _pair("tiny-dense")
+    prim = dataclasses.replace(fp8, fp8_param=True)
+    lay = Layout(tp=2, dp=2)
+    h, d, tp = bf16.hidden_size, bf16.head_dim, 2
+    n = bf16.num_layers * (
+        (bf16.num_attention_heads + 2 * bf16.num_query_groups) * d * h / tp
+        + bf16.num_attention_heads * d * h / tp
+        + 3 * bf16.ffn_hidden_size * h / tp
+    )
+    a, b = static_memory(fp8, lay, 0), static_memory(prim, lay, 0)
+    assert b.fp8_weight_bytes == n
+    assert a.params_bytes - b.params_bytes == n  # 2 bytes -> 1 per FP8 element
+    assert a.total_bytes - b.total_bytes == 2 * n
+    for f in ("grad_bytes", "main_param_bytes", "moment_bytes", "numel"):
+        assert getattr(a, f) == getattr(b, f), f
+
+
+def test_fp8_param_needs_fp8_and_the_distributed_optimizer():
+    from kat_megatron.config.schema import KatConfig, ParallelConfig
+
+    bf16, _ = _pair("tiny-dense")
+    with pytest.raises(ValueError, match="model.fp8_param=true .* needs FP8 training"):
+        dataclasses.replace(bf16, fp8_param=True)
+    prim = dataclasses.replace(bf16, fp8="hybrid", fp8_param=True)
+    with pytest.raises(ValueError, match="needs parallel.use_distributed_optimizer=true"):
+        KatConfig(model=prim, parallel=ParallelConfig(use_distributed_optimizer=False))

@@ -45,7 +45,6 @@ def test_what_kat_computes_now():
         assert r.recipe.source  # every published figure names its source
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 must-show not met: see docs/scaling.md")
 def test_must_show_every_published_layout_valid_and_fits():
     rows = _rows()
     assert all(r.invalid is None and r.own.fits for r in rows), [
