@@ -30,6 +30,7 @@ def _defaults(name: str) -> tuple[object, str, dict, tuple[str, ...]]:
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             grad_reduce_dtype=cfg.optimizer.grad_reduce_dtype,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_p2p_comm=cfg.parallel.overlap_p2p_comm is not False,
         )
         return model, shown, batch, ()
     return model, shown, {}, (f"model.preset={name}",)
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "micro_batch": args.micro_batch,
         "distributed_optimizer": False if args.no_distributed_optimizer else None,
         "overlap_grad_reduce": True if args.overlap_grad_reduce else None,
+        "overlap_p2p_comm": False if args.no_overlap_p2p_comm else None,
         "grad_reduce_dtype": args.grad_reduce_dtype,
     }
     batch.update({k: v for k, v in given.items() if v is not None})
@@ -119,7 +121,14 @@ def register(sub) -> None:
     p.add_argument(
         "--overlap-grad-reduce",
         action="store_true",
-        help="step time with DP communication overlapped (parallel.overlap_grad_reduce=true)",
+        help="step time with the gradient reduce-scatter overlapped with the last micro-batch's "
+        "backward (parallel.overlap_grad_reduce=true)",
+    )
+    p.add_argument(
+        "--no-overlap-p2p-comm",
+        action="store_true",
+        help="step time with every pipeline send / receive exposed, also with VPP "
+        "(parallel.overlap_p2p_comm=false; default: behind compute with VPP)",
     )
     p.add_argument(
         "--grad-reduce-dtype",

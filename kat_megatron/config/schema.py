@@ -230,6 +230,12 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
     overlap_grad_reduce: bool = False
+    overlap_p2p_comm: bool | None = None
+    """Megatron-Core's option of the same name: the interleaved schedule (`vpp`) sends and
+    receives each chunk's activations / gradients asynchronously behind the next chunk's
+    compute (and so stops batching p2p ops). None means on whenever `vpp` is set, as
+    Megatron-Bridge's `CommOverlapConfig` does; Megatron-Core overlaps only the interleaved
+    schedule, so true needs `vpp`."""
     dist_backend: str = "auto"
     """`nccl`, `gloo` or `auto` (nccl with CUDA, gloo otherwise)."""
 
@@ -264,10 +270,26 @@ class ParallelConfig:
         _choice(s, "dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.overlap_p2p_comm is not None:
+            if not isinstance(self.overlap_p2p_comm, bool):
+                raise ValueError(
+                    f"parallel.overlap_p2p_comm={self.overlap_p2p_comm!r}: expected true, false "
+                    "or null (on with vpp)"
+                )
+            if self.overlap_p2p_comm and self.vpp is None:
+                raise ValueError(
+                    "parallel.overlap_p2p_comm=true needs parallel.vpp: Megatron-Core overlaps "
+                    "pipeline sends and receives only in the interleaved schedule"
+                )
 
     @property
     def sp(self) -> bool:
         return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
+    def p2p_overlap(self) -> bool:
+        """`overlap_p2p_comm` in effect (None: on with `vpp`)."""
+        return self.vpp is not None if self.overlap_p2p_comm is None else self.overlap_p2p_comm
 
     @property
     def accounts_in_split(self) -> bool:

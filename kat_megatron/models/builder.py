@@ -136,6 +136,10 @@ def transformer_config(
         account_for_embedding_in_pipeline_split=parallel.account_for_embedding_in_pipeline_split,
         account_for_loss_in_pipeline_split=parallel.account_for_loss_in_pipeline_split,
         sequence_parallel=parallel.sp,
+        # Interleaved schedule: sends / receives behind the next chunk's compute (Megatron-Core
+        # refuses it together with batched p2p ops).
+        overlap_p2p_comm=parallel.p2p_overlap,
+        batch_p2p_comm=not parallel.p2p_overlap,
         use_cpu_initialization=not torch.cuda.is_available(),
         deterministic_mode=not torch.cuda.is_available(),
         mtp_num_layers=model.mtp_num_layers or None,

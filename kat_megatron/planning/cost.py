@@ -37,11 +37,17 @@ Not a performance model: enough to rank layouts that fit. Sources:
   (two thirds of the compute; `_layer_comm`); EP alltoalls are exposed: kat does not turn on
   Megatron-Core's `tp_comm_overlap` (userbuffers) or `moe_a2a_overlap`; CP's ring
   exchange is hidden behind the attention blocks up to the attention compute time (Megatron-Core
-  overlaps each K/V step with the previous block's attention); DP with the distributed
-  optimizer and `overlap_grad_reduce` on (`PlanOptions.overlap_grad_reduce`, kat's config
-  `parallel.overlap_grad_reduce`) hides the gradient reduce-scatter behind backward and the
-  parameter all-gather behind the next forward, all but one bucket's worth (`1 / buckets` of it,
-  and never more than the compute it hides behind); off, all of it counts. PP p2p counts, small.
+  overlaps each K/V step with the previous block's attention). DP: Megatron-Core reduces
+  gradients only in the last micro-batch's backward (the schedules run the others under
+  `no_sync`), so with the distributed optimizer and `overlap_grad_reduce` on
+  (`PlanOptions.overlap_grad_reduce`, kat's config `parallel.overlap_grad_reduce`) the
+  reduce-scatter hides behind that one backward (2/3 of one micro-batch's compute), all but the
+  last bucket's worth (`1 / dp_buckets` of it); off, all of it counts. The parameter all-gather
+  after the optimizer step is exposed (kat does not set Megatron-Core's `overlap_param_gather`;
+  it moves 2 bytes per parameter, 1 with `model.fp8_param`). So DP over InfiniBand is not free
+  when many micro-batches leave a short window. PP p2p: exposed without VPP (batched sends and
+  receives); with VPP and `parallel.overlap_p2p_comm` (on by default there, as Megatron-Bridge
+  sets it) the sends and receives run behind the next chunk's compute.
 - Matmul efficiency: e(k) = `gemm_peak` x k / (k + `gemm_k0`), k the smallest dimension of the
   GEMM on one GPU (tokens per micro-batch T = b·s/CP, h, (n_q + 2 n_kv)·d / TP, f / TP, the
   expert width f_e / ETP, the tokens an expert receives T·EP·k / E, V / TP), FLOP-weighted
@@ -232,12 +238,14 @@ def step_cost(
     flops: float | None = None,
     grad_bytes: int = 4,
     overlap_grad_reduce: bool = False,
+    overlap_p2p_comm: bool = True,
 ) -> StepCost:
     """Cost of one step on the busiest GPU; `grad_numel` = (dense, expert) DDP buffer sizes,
     reduced in `grad_bytes` per element (fp32: 4, `optimizer.grad_reduce_dtype=bf16`: 2).
 
     `flops`: `step_flops(model, batch, opts.recompute)` when the caller has it already.
-    `overlap_grad_reduce`: DP communication overlapped with compute (module docstring).
+    `overlap_grad_reduce`: the gradient reduce-scatter overlapped with the last micro-batch's
+    backward; `overlap_p2p_comm`: PP sends / receives behind compute with VPP (module docstring).
     """
     m = batch.microbatches(layout)
     if flops is None:
@@ -263,9 +271,19 @@ def step_cost(
         inv_eff += n / matmul_efficiency(model, layout, opts, bool(kind), hw)
     eff = len(stage) / inv_eff
     dense, expert = grad_numel
-    bytes_per = grad_bytes + 2 if distributed_optimizer else 2 * grad_bytes
-    dp = _collective(layout.dp * layout.cp, dense * bytes_per)
-    dp += _collective(layout.expert_dp, expert * bytes_per)
+    # DP: the gradient reduce-scatter (all-reduce without the distributed optimizer) and the
+    # distributed optimizer's parameter all-gather (16-bit, FP8 with `model.fp8_param`)
+    gather_bytes = 1 if model.fp8_param else 2
+    reduce_per = grad_bytes if distributed_optimizer else 2 * grad_bytes
+    gather_per = gather_bytes if distributed_optimizer else 0
+    dp_group = layout.dp * layout.cp
+    rs = _collective(dp_group, dense * reduce_per) + _collective(
+        layout.expert_dp, expert * reduce_per
+    )
+    ag = _collective(dp_group, dense * gather_per) + _collective(
+        layout.expert_dp, expert * gather_per
+    )
+    dp = rs + ag
     tokens = opts.micro_batch * opts.seq_len / layout.cp / layout.tp
     pp = 2 * m * layout.chunks * tokens * model.hidden_size * opts.act_bytes if layout.pp > 1 else 0
     imbalance = work[busiest] * layout.pp / sum(work)  # 1 without pipeline parallelism
@@ -282,13 +300,23 @@ def step_cost(
     attn_s = compute * _attention_share(model, layout, opts, bool(stage[0]))
     parts["cp"] = max(0.0, cp / _bw(layout.tp * layout.cp, gpus_per_node, hw) - attn_s)
     parts["pp"] = pp / _bw(layout.world, gpus_per_node, hw)
+    if overlap_p2p_comm and layout.chunks > 1:
+        # interleaved 1F1B with overlap_p2p_comm: each send / receive runs behind the next
+        # chunk's compute
+        parts["pp"] = max(0.0, parts["pp"] - compute)
     # The bubble idles a stage for (pp - 1) / vpp micro-batch slots, each as long as a
     # micro-batch's whole critical path on that stage, its exposed communication included.
     parts["bubble"] = bubble * sum(parts.values())
-    dp_s = dp / _bw(layout.tp * layout.cp * layout.dp, gpus_per_node, hw)
+    dp_bw = _bw(layout.tp * layout.cp * layout.dp, gpus_per_node, hw)
+    rs_s, ag_s = rs / dp_bw, ag / dp_bw
+    # Megatron-Core starts the reduce-scatters in the last micro-batch's backward (`no_sync`
+    # for the others): they hide behind that one backward (2/3 of a micro-batch's compute), all
+    # but the last bucket. The all-gather runs after the optimizer step, exposed (kat does not
+    # set Megatron-Core's `overlap_param_gather`).
     if overlap_grad_reduce and distributed_optimizer:
-        dp_s = max(dp_s / hw.dp_buckets, dp_s - compute)
-    parts["dp"] = dp_s
+        per_micro = (compute + parts["overhead"]) / m
+        rs_s = max(rs_s / hw.dp_buckets, rs_s - per_micro * 2 / 3)
+    parts["dp"] = rs_s + ag_s
     tp, ep = tp + tp_hidden, ep + etp
     return StepCost(flops, bubble, tp, ep, cp, dp, pp, sum(parts.values()), eff, parts)
 

@@ -50,6 +50,9 @@ class PlanOptions:
     overlap_grad_reduce: bool = False
     """`parallel.overlap_grad_reduce` (with the distributed optimizer also the parameter
     all-gather): DP communication hidden behind compute in the step-time model."""
+    overlap_p2p_comm: bool = True
+    """`parallel.overlap_p2p_comm` at its default (on wherever a layout has VPP); false models
+    `parallel.overlap_p2p_comm=false`: every pipeline send / receive on the critical path."""
     reserve_gb: float = 4.0
     """CUDA context (~0.5 GiB), NCCL communicator buffers, cuBLAS/TE workspaces."""
     fragmentation: float = 0.10
@@ -231,6 +234,7 @@ def evaluate(
         flops=None if flops is None else flops[recompute],
         grad_bytes=opts.grad_bytes,
         overlap_grad_reduce=opts.overlap_grad_reduce,
+        overlap_p2p_comm=opts.overlap_p2p_comm,
     )
     return LayoutPlan(
         layout=layout,

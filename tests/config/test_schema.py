@@ -262,6 +262,24 @@ def test_fp8_needs_transformer_engine_backend():
     ModelConfig(fp8="hybrid", backend="te")
 
 
+def test_overlap_p2p_comm_defaults_to_the_interleaved_schedule():
+    """None: on with vpp (Megatron-Bridge's CommOverlapConfig), and the builder then turns
+    batched p2p off, which Megatron-Core refuses together with the overlap."""
+    from kat_megatron.models.builder import transformer_config
+
+    assert ParallelConfig(pp=2, vpp=2).p2p_overlap and not ParallelConfig(pp=2).p2p_overlap
+    assert not ParallelConfig(pp=2, vpp=2, overlap_p2p_comm=False).p2p_overlap
+    with pytest.raises(ValueError, match=r"^parallel.overlap_p2p_comm=true needs parallel.vpp"):
+        ParallelConfig(pp=2, overlap_p2p_comm=True)
+    with pytest.raises(ValueError, match=r"^parallel.overlap_p2p_comm='yes': expected true"):
+        ParallelConfig(pp=2, vpp=2, overlap_p2p_comm="yes")
+    model = ModelConfig(num_layers=4)
+    on = transformer_config(model, ParallelConfig(pp=2, vpp=2), "fp32")
+    off = transformer_config(model, ParallelConfig(pp=2), "fp32")
+    assert (on.overlap_p2p_comm, on.batch_p2p_comm) == (True, False)
+    assert (off.overlap_p2p_comm, off.batch_p2p_comm) == (False, True)
+
+
 def test_section_checks_name_the_key():
     with pytest.raises(ValueError, match=r"^model.num_query_groups=3 must divide"):
         ModelConfig(num_attention_heads=4, num_query_groups=3)

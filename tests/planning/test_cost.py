@@ -58,14 +58,48 @@ def test_bubble_uses_the_layouts_micro_batch_count():
 
 
 def test_dp_overlap_hides_communication_but_not_all_of_it():
+    """The reduce-scatter hides behind the last micro-batch's backward (2/3 of one micro-batch's
+    compute + launch overhead), all but one bucket; the all-gather (2 bytes per parameter against
+    the 4 of fp32 gradients) stays exposed either way."""
     lay = Layout(tp=8, pp=1, dp=8)
     base = PlanOptions(gpus=64, seq_len=8192, global_batch=128, recompute="full")
-    off = evaluate(LLAMA3_70B, lay, base)
-    on = evaluate(LLAMA3_70B, lay, dataclasses.replace(base, overlap_grad_reduce=True))
-    assert on.cost.step_s < off.cost.step_s
-    no_dp = off.cost.dp_bytes / (Hardware().ib_gbs * 1e9)  # DP group spans nodes
-    hidden = off.cost.step_s - on.cost.step_s
-    assert hidden == pytest.approx(no_dp * (1 - 1 / Hardware().dp_buckets), rel=1e-6)
+    for seq in (8192, 2048):  # a 4x shorter micro-batch: a 4x shorter window
+        opts = dataclasses.replace(base, seq_len=seq)
+        off = evaluate(LLAMA3_70B, lay, opts)
+        on = evaluate(LLAMA3_70B, lay, dataclasses.replace(opts, overlap_grad_reduce=True))
+        ib = Hardware().ib_gbs * 1e9  # the DP group spans nodes
+        rs, ag = off.cost.dp_bytes * 4 / 6 / ib, off.cost.dp_bytes * 2 / 6 / ib
+        assert off.cost.parts["dp"] == pytest.approx(rs + ag)
+        window = (on.cost.parts["compute"] + on.cost.parts["overhead"]) / (128 // 8) * 2 / 3
+        exposed = max(rs / Hardware().dp_buckets, rs - window)
+        assert on.cost.parts["dp"] == pytest.approx(exposed + ag, rel=1e-6)
+        assert 0 < exposed < rs
+    assert on.cost.parts["dp"] > ag + rs / Hardware().dp_buckets  # 2048: window < 7/8 of rs
+
+
+def test_fp8_primary_weights_halve_the_parameter_all_gather():
+    lay = Layout(tp=8, pp=1, dp=8)
+    opts = PlanOptions(gpus=64, seq_len=8192, global_batch=128, recompute="full")
+    fp8 = dataclasses.replace(LLAMA3_70B, fp8="hybrid", fp8_recipe="tensorwise", fp8_param=True)
+    bf16, f8 = evaluate(LLAMA3_70B, lay, opts), evaluate(fp8, lay, opts)
+    assert f8.cost.dp_bytes == pytest.approx(bf16.cost.dp_bytes * (4 + 1) / (4 + 2))
+
+
+def test_pipeline_p2p_hides_behind_compute_with_vpp_overlap():
+    """With VPP and parallel.overlap_p2p_comm (its default there) the sends and receives run
+    behind the next chunk's compute; off, or without VPP, each one is on the critical path:
+    2 (activation, gradient) x m x VPP transfers of T/TP x h bf16 over the PP link."""
+    lay = Layout(tp=4, pp=8, vpp=5, dp=2)
+    opts = PlanOptions(gpus=64, seq_len=8192, global_batch=128, recompute="none")
+    on = evaluate(LLAMA3_70B, lay, opts)
+    off = evaluate(LLAMA3_70B, lay, dataclasses.replace(opts, overlap_p2p_comm=False))
+    m = 128 // 2
+    sent = 2 * m * 5 * 8192 / 4 * LLAMA3_70B.hidden_size * 2
+    assert on.cost.pp_bytes == off.cost.pp_bytes == pytest.approx(sent)
+    assert off.cost.parts["pp"] == pytest.approx(sent / (Hardware().ib_gbs * 1e9))
+    assert on.cost.parts["pp"] == 0.0
+    plain = evaluate(LLAMA3_70B, Layout(tp=4, pp=8, dp=2), opts)
+    assert plain.cost.parts["pp"] > 0
 
 
 def _bf16_grads(**kw) -> PlanOptions:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import pytest
-
 from kat_megatron.planning.recipes import RECIPES, assess, table
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
@@ -63,7 +61,6 @@ def test_must_show_memory_within_measured_peaks():
             assert r.memory_gib <= 1.15 * pub.peak_bound_gib, (r.recipe.name, r.memory_gib)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 must-show not met: see docs/scaling.md")
 def test_must_show_published_layout_in_top10_for_four_of_six():
     ranks = [r.rank for r in _rows()]
     assert sum(1 for k in ranks if k is not None and k <= 10) >= 4, ranks
