@@ -123,6 +123,14 @@ class StageMemory:
     def total(self) -> float:
         return self.static.total_bytes + self.activation_bytes + self.reserve
 
+    @property
+    def allocated(self) -> float:
+        """The tensors alone: what `torch.cuda.max_memory_allocated` reports at the peak, without
+        the caching allocator's slack (`fragmentation`) or what lives outside it (`reserve`: the
+        CUDA context, NCCL buffers). A published "peak allocated" figure compares with this;
+        whether a layout fits is decided on `total`."""
+        return self.static.total_bytes + self.activations.total
+
 
 @dataclass
 class LayoutPlan:

@@ -116,7 +116,7 @@ class Published:
     tflops_per_gpu: float | None = None
     step_s: float | None = None
     peak_gib: float | None = None
-    """A measured peak (allocated) memory per GPU."""
+    """A measured peak allocated memory per GPU (`torch.cuda.max_memory_allocated`)."""
     peak_bound_gib: float | None = None
     """An upper bound the source states instead of a measurement."""
 
@@ -303,6 +303,12 @@ class RecipeRow:
         return None if self.own is None else self.own.memory.total / GIB
 
     @property
+    def allocated_gib(self) -> float | None:
+        """kat's estimate of the peak allocated tensors (`StageMemory.allocated`): the figure a
+        published "peak allocated memory" is held against."""
+        return None if self.own is None else self.own.memory.allocated / GIB
+
+    @property
     def step_ratio(self) -> float | None:
         """kat's step time / the published step time (published tokens per GPU-second)."""
         pub = self.recipe.published
@@ -357,8 +363,9 @@ def table(rows: list[RecipeRow]) -> str:
     """The markdown table of docs/scaling.md (kat columns computed, published ones quoted)."""
     head = (
         "| recipe | GPUs | published layout | seq × GBS / MBS | recompute | kat verdict "
-        "| kat rank | kat memory GiB | published peak GiB | published tok/s/GPU (TFLOP/s) "
-        "| kat step s / published |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| kat rank | kat memory GiB (allocated) | published peak allocated GiB "
+        "| published tok/s/GPU (TFLOP/s) | kat step s / published |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     out = [head]
     for r in rows:
@@ -378,7 +385,7 @@ def table(rows: list[RecipeRow]) -> str:
         if pub.tflops_per_gpu is not None:
             tput += f" ({pub.tflops_per_gpu:.0f})"
         ratio = "" if r.step_ratio is None else f"{r.step_ratio:.2f}"
-        mem = "" if r.memory_gib is None else f"{r.memory_gib:.1f}"
+        mem = "" if r.memory_gib is None else f"{r.memory_gib:.1f} ({r.allocated_gib:.1f})"
         out.append(
             f"| {rc.name} | {rc.gpus} | {rc.layout.label()} | {rc.seq_len} × {rc.global_batch}"
             f" / {rc.micro_batch} | {rc.recompute} | {verdict} | {rank} | {mem} | {peak} "

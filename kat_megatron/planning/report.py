@@ -166,7 +166,8 @@ def detail(p: LayoutPlan) -> str:
         f"  activations {fmt_bytes(act.total)}: decoder layers {fmt_bytes(act.layers)}, logits "
         f"{fmt_bytes(act.logits)}, MTP {fmt_bytes(act.mtp)}, workspace/transient "
         f"{fmt_bytes(act.workspace)}; +{mem.fragmentation:.0%} fragmentation, reserve "
-        f"{fmt_bytes(mem.reserve)}; total {fmt_bytes(mem.total)}",
+        f"{fmt_bytes(mem.reserve)}; total {fmt_bytes(mem.total)} (tensors alone, as "
+        f"max_memory_allocated counts them: {fmt_bytes(mem.allocated)})",
         "  one layer, one micro-batch: "
         + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in act.terms.items()),
         f"  cost: {cost.flops / 1e12:,.0f} TFLOP per GPU, bubble {cost.bubble:.3f}, bytes sent "
