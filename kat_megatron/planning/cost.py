@@ -41,8 +41,9 @@ Not a performance model: enough to rank layouts that fit. Sources:
   gradients only in the last micro-batch's backward (the schedules run the others under
   `no_sync`), so with the distributed optimizer and `overlap_grad_reduce` on
   (`PlanOptions.overlap_grad_reduce`, kat's config `parallel.overlap_grad_reduce`) the
-  reduce-scatter hides behind that one backward (2/3 of one micro-batch's compute), all but the
-  last bucket's worth (`1 / dp_buckets` of it); off, all of it counts. The parameter all-gather
+  reduce-scatter hides behind that one backward (2/3 of one micro-batch's compute; Megatron-
+  Bridge's docs/performance-guide.md: "gradient ReduceScatters with the backward computation of
+  the last micro-batch"), all but the last bucket's worth (`1 / dp_buckets` of it); off, all of it counts. The parameter all-gather
   after the optimizer step is exposed (kat does not set Megatron-Core's `overlap_param_gather`;
   it moves 2 bytes per parameter, 1 with `model.fp8_param`). So DP over InfiniBand is not free
   when many micro-batches leave a short window. PP p2p: exposed without VPP (batched sends and
@@ -55,7 +56,9 @@ Not a performance model: enough to rank layouts that fit. Sources:
   (assumptions, H100 SXM bf16 cuBLAS/TE): large square GEMMs reach ~0.75-0.8 of the 989 TFLOP/s
   peak (gemm_peak 0.8), a 2048-wide one ~0.7, a 768-wide one ~0.6, a 256-wide one 0.4
   (gemm_k0 = 256); flash attention forward + backward ~0.45 of peak. These are round values, not
-  fitted; `--mfu` scales gemm_peak.
+  fitted; `--mfu` scales gemm_peak. With `model.fp8` every GEMM (the output layer's too, a
+  simplification: Megatron-Core runs it in bf16) takes 1 / `fp8_gemm_speedup` (1.5) of its bf16
+  time; attention and communication do not change.
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ class Hardware:
     TP or CP ranks cost something beyond communication."""
     dp_buckets: int = 8
     """Gradient buckets per step with overlap on: the last one's reduction stays exposed."""
+    fp8_gemm_speedup: float = 1.5
+    """With `model.fp8`, a GEMM's time is its bf16 time / this (attention and communication
+    unchanged). H100's dense FP8 peak is 2x bf16; Megatron-Bridge's performance guide
+    (docs/performance-guide.md, "Low Precision Training") reports FP8 linear layers give
+    1.2-1.5x end to end; 1.5 on the GEMMs alone gives Llama-3-70B TP4 PP8 1.36x end to end."""
 
 
 @dataclass
@@ -166,11 +174,13 @@ def _layer_parts(
 def matmul_efficiency(
     model: ModelConfig, layout: Layout, opts: ActivationOptions, moe: bool, hw: Hardware
 ) -> float:
-    """Fraction of peak one layer runs at for one micro-batch (module docstring): its GEMMs at
-    e(smallest per-GPU dimension), attention at `attn_eff`, FLOP-weighted harmonically."""
+    """Fraction of the bf16 peak one layer runs at for one micro-batch (module docstring): its
+    GEMMs at e(smallest per-GPU dimension) (x `fp8_gemm_speedup` with `model.fp8`), attention at
+    `attn_eff`, FLOP-weighted harmonically."""
     parts, attn = _layer_parts(model, layout, opts, moe)
     work = sum(f for f, _ in parts) + attn
-    seconds = sum(f / _gemm_eff(k, hw) for f, k in parts) + attn / hw.attn_eff
+    fp8 = hw.fp8_gemm_speedup if model.fp8 else 1.0  # FP8 GEMMs; attention stays bf16
+    seconds = sum(f / (fp8 * _gemm_eff(k, hw)) for f, k in parts) + attn / hw.attn_eff
     return work / seconds
 
 

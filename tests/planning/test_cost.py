@@ -34,6 +34,25 @@ def test_layer_efficiency_falls_with_smaller_per_gpu_shapes():
     assert few < many
 
 
+def test_fp8_gemms_run_faster_and_attention_does_not():
+    """With model.fp8 each GEMM takes 1 / fp8_gemm_speedup of its bf16 time; attention's QK^T /
+    PV keep `attn_eff`: the layer efficiency is the harmonic mean written out again."""
+    from kat_megatron.planning.cost import _layer_parts
+
+    opts = PlanOptions(gpus=64, seq_len=8192).activation_options("none")
+    hw, lay = Hardware(), Layout(tp=4, pp=8, vpp=5, dp=2)
+    fp8 = dataclasses.replace(LLAMA3_70B, fp8="hybrid", fp8_recipe="tensorwise")
+    parts, attn = _layer_parts(LLAMA3_70B, lay, opts, False)
+    work = sum(f for f, _ in parts) + attn
+    for model, speed in ((LLAMA3_70B, 1.0), (fp8, hw.fp8_gemm_speedup)):
+        seconds = sum(f / (speed * _gemm_eff(k, hw)) for f, k in parts) + attn / hw.attn_eff
+        eff = matmul_efficiency(model, lay, opts, False, hw)
+        assert eff == pytest.approx(work / seconds)
+    assert matmul_efficiency(fp8, lay, opts, False, hw) < hw.fp8_gemm_speedup * matmul_efficiency(
+        LLAMA3_70B, lay, opts, False, hw
+    )  # attention holds the layer below the GEMMs' speed-up
+
+
 def test_alltoall_across_nodes_sends_the_remote_share_over_infiniband():
     """Of the 15 peers of an EP16 group on two nodes, 8 are on the other node: 8/15 of the bytes
     cross InfiniBand while 7/15 move over NVLink at the same time (the slower sets the time)."""
