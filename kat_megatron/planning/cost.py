@@ -43,10 +43,11 @@ Not a performance model: enough to rank layouts that fit. Sources:
   (`PlanOptions.overlap_grad_reduce`, kat's config `parallel.overlap_grad_reduce`) the
   reduce-scatter hides behind that one backward (2/3 of one micro-batch's compute; Megatron-
   Bridge's docs/performance-guide.md: "gradient ReduceScatters with the backward computation of
-  the last micro-batch"), all but the last bucket's worth (`1 / dp_buckets` of it); off, all of it counts. The parameter all-gather
-  after the optimizer step is exposed (kat does not set Megatron-Core's `overlap_param_gather`;
-  it moves 2 bytes per parameter, 1 with `model.fp8_param`). So DP over InfiniBand is not free
-  when many micro-batches leave a short window. PP p2p: exposed without VPP (batched sends and
+  the last micro-batch"), all but the last bucket's worth (`1 / dp_buckets` of it); off, all of
+  it counts. The parameter all-gather after the optimizer step is exposed (kat does not set
+  Megatron-Core's `overlap_param_gather`; it moves 2 bytes per parameter, 1 with
+  `model.fp8_param`). So DP over InfiniBand is not free when the window, one micro-batch, is
+  short. PP p2p: exposed without VPP (batched sends and
   receives); with VPP and `parallel.overlap_p2p_comm` (on by default there, as Megatron-Bridge
   sets it) the sends and receives run behind the next chunk's compute.
 - Matmul efficiency: e(k) = `gemm_peak` x k / (k + `gemm_k0`), k the smallest dimension of the
@@ -281,18 +282,12 @@ def step_cost(
         inv_eff += n / matmul_efficiency(model, layout, opts, bool(kind), hw)
     eff = len(stage) / inv_eff
     dense, expert = grad_numel
-    # DP: the gradient reduce-scatter (all-reduce without the distributed optimizer) and the
-    # distributed optimizer's parameter all-gather (16-bit, FP8 with `model.fp8_param`)
-    gather_bytes = 1 if model.fp8_param else 2
-    reduce_per = grad_bytes if distributed_optimizer else 2 * grad_bytes
-    gather_per = gather_bytes if distributed_optimizer else 0
-    dp_group = layout.dp * layout.cp
-    rs = _collective(dp_group, dense * reduce_per) + _collective(
-        layout.expert_dp, expert * reduce_per
-    )
-    ag = _collective(dp_group, dense * gather_per) + _collective(
-        layout.expert_dp, expert * gather_per
-    )
+    # DP: the gradient reduce-scatter (all-reduce without the distributed optimizer: twice the
+    # bytes) and the distributed optimizer's parameter all-gather (16-bit, FP8 with
+    # `model.fp8_param`), each over the same elements
+    moved = _collective(layout.dp * layout.cp, dense) + _collective(layout.expert_dp, expert)
+    rs = moved * (grad_bytes if distributed_optimizer else 2 * grad_bytes)
+    ag = moved * ((1 if model.fp8_param else 2) if distributed_optimizer else 0)
     dp = rs + ag
     tokens = opts.micro_batch * opts.seq_len / layout.cp / layout.tp
     pp = 2 * m * layout.chunks * tokens * model.hidden_size * opts.act_bytes if layout.pp > 1 else 0

@@ -48,8 +48,9 @@ class PlanOptions:
     """`auto` (cheapest that fits), `none`, `selective` or `full`."""
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
-    """`parallel.overlap_grad_reduce` (with the distributed optimizer also the parameter
-    all-gather): DP communication hidden behind compute in the step-time model."""
+    """`parallel.overlap_grad_reduce`: with the distributed optimizer, the gradient
+    reduce-scatter hidden behind the last micro-batch's backward in the step-time model (the
+    parameter all-gather stays exposed)."""
     overlap_p2p_comm: bool = True
     """`parallel.overlap_p2p_comm` at its default (on wherever a layout has VPP); false models
     `parallel.overlap_p2p_comm=false`: every pipeline send / receive on the critical path."""
