@@ -106,7 +106,8 @@ def _header(result: PlanResult) -> list[str]:
         f"{o.moe_load_factor:g}; step time: matmul efficiency by GEMM shape (peak "
         f"{o.hardware.mfu:g}), TP forward exposed / backward overlapped, EP exposed, DP "
         f"reduce-scatter {'behind the last backward' if o.overlap_grad_reduce else 'exposed'}, "
-        f"all-gather exposed, PP p2p {'behind compute with VPP' if o.overlap_p2p_comm else 'exposed'}",
+        "all-gather exposed, PP p2p "
+        f"{'behind compute with VPP' if o.overlap_p2p_comm else 'exposed'}",
         f"layouts: {len(result.plans) + len(result.rejected)} candidates, "
         f"{len(result.rejected)} invalid, {len(result.plans)} valid, "
         f"{len(result.fitting)} fit",

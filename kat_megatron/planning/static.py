@@ -258,10 +258,11 @@ def static_memory(
             expert=True,
             grad_bytes=grad_bytes,
         )
-        if model.fp8 is not None and model.fp8_param:
+        if model.fp8 is not None:
             n = _fp8_numel(chunk)
-            total.params_bytes -= (param_bytes - 1) * n
-            total.fp8_weight_bytes += FP8_PARAM_CACHE_BYTES * n
-        elif model.fp8 is not None:
-            total.fp8_weight_bytes += FP8_WEIGHT_BYTES * _fp8_numel(chunk)
+            if model.fp8_param:  # the parameter is the 1-byte FP8 data, only the transpose cached
+                total.params_bytes -= (param_bytes - 1) * n
+                total.fp8_weight_bytes += FP8_PARAM_CACHE_BYTES * n
+            else:
+                total.fp8_weight_bytes += FP8_WEIGHT_BYTES * n
     return total
